@@ -1,0 +1,30 @@
+// Typed errors. Every failure a caller can act on carries a code; bad arguments also name the
+// argument, the shape it had and what was expected.
+
+export type ErrorCode =
+  | "invalid_argument" // a tensor or option is malformed (ArgumentError)
+  | "no_backend" //       no loaded backend supports the problem; the message lists every reason
+  | "backend_rejected" // the backend forced by option or MOEFFI_BACKEND does not support the problem
+  | "unknown_backend" //  a forced or disabled name matches no loaded backend
+  | "backend_failed" //   a backend returned an error status from prepare or run
+  | "disposed"; //        the object was used after dispose()
+
+export class MoeffiError extends Error {
+  override name = "MoeffiError";
+  constructor(readonly code: ErrorCode, message: string) {
+    super(message);
+  }
+}
+
+export class ArgumentError extends MoeffiError {
+  override name = "ArgumentError";
+  constructor(
+    readonly argument: string,
+    readonly shape: readonly number[] | undefined,
+    readonly expected: string,
+    detail?: string,
+  ) {
+    const got = shape === undefined ? "" : ` (shape [${shape.join(", ")}])`;
+    super("invalid_argument", `${argument}${got}: expected ${expected}${detail ? `; ${detail}` : ""}`);
+  }
+}

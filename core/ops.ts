@@ -1,0 +1,242 @@
+// The public ops. Each validates its tensors, asks the oracle for a backend, has it prepare weights
+// once (layers) and runs. Outputs are new host tensors unless the caller passes `out`.
+import { type ActScale, FLAG_HAS_BIAS, FLAG_RENORMALIZE, type Problem, type WeightScale } from "../ffi/abi.ts";
+import type { Backend } from "../ffi/plugins.ts";
+import { type Context, defaultContext } from "./context.ts";
+import { ArgumentError, MoeffiError } from "./errors.ts";
+import type { Verdict } from "./oracle.ts";
+import { type Tensor, tensor, type TensorLike } from "./tensor.ts";
+import {
+  cdiv, expectFinite, expectIds, expectInt, expectMultipleOf16, expectOffsets, expectPositiveScales, expectScheme,
+  expectTensor, weightScaleShape,
+} from "./validate.ts";
+
+// A prepared handle is released when its layer is disposed, or collected as a safety net.
+const handles = new FinalizationRegistry<{ backend: Backend; handle: bigint }>(({ backend, handle }) => backend.release(handle));
+
+/** A layer whose backend holds prepared weights. */
+abstract class PreparedLayer implements Disposable {
+  readonly backend: Backend;
+  readonly verdicts: Verdict[];
+  protected handle = 0n;
+  protected statics: Record<string, TensorLike | undefined> = {};
+
+  constructor(protected readonly ctx: Context, protected readonly problem: Problem, backend?: string) {
+    ({ backend: this.backend, verdicts: this.verdicts } = ctx.select(problem, backend));
+  }
+
+  /** Name of the backend that runs this layer. */
+  get backendName(): string {
+    return this.backend.name;
+  }
+
+  protected prepare(weights: { w13: TensorLike; w13Scale: TensorLike; w2?: TensorLike; w2Scale?: TensorLike }) {
+    this.release();
+    this.handle = this.backend.prepare(this.problem, {
+      w13: weights.w13.address(), w13Scale: weights.w13Scale.address(),
+      w2: weights.w2?.address() ?? 0n, w2Scale: weights.w2Scale?.address() ?? 0n,
+    });
+    handles.register(this, { backend: this.backend, handle: this.handle }, this);
+  }
+
+  protected loaded(): bigint {
+    if (this.handle === 0n) throw new MoeffiError("disposed", "weights are not loaded: call load() first (or the layer was disposed)");
+    return this.handle;
+  }
+
+  private release() {
+    if (this.handle === 0n) return;
+    handles.unregister(this);
+    this.backend.release(this.handle);
+    this.handle = 0n;
+  }
+
+  [Symbol.dispose](): void {
+    this.release();
+  }
+}
+
+/** Static activation scales are given exactly when the scheme is static. */
+function expectStatic(act: ActScale, name: string, t: TensorLike | undefined, device: Problem["device"] | string) {
+  if (act !== "static-tensor") {
+    if (t) throw new ArgumentError(name, t.shape, `nothing: ${act} activations compute their own scales`);
+    return;
+  }
+  expectTensor(name, t, "f32", [1], device === "cuda" ? "cuda:0" : "cpu");
+  expectPositiveScales(name, t!);
+}
+
+export interface MoeConfig {
+  /** K: hidden size. */
+  hidden: number;
+  /** N: expert intermediate size. */
+  intermediate: number;
+  experts: number;
+  topk: number;
+  weightScale: WeightScale;
+  actScale: ActScale;
+  /** Largest batch the backend is chosen for (default 4096); a forward may pass fewer rows. */
+  maxTokens?: number;
+  /** Force a backend by name (strict). */
+  backend?: string;
+  context?: Context;
+}
+
+export interface MoeWeights {
+  w13: TensorLike; // fp8 [E, 2N, K]
+  w13Scale: TensorLike; // f32, per weightScale
+  w2: TensorLike; // fp8 [E, K, N]
+  w2Scale: TensorLike;
+  a1Scale?: TensorLike; // f32 [1], static-tensor only
+  a2Scale?: TensorLike;
+}
+
+/** A fused FP8 MoE layer (op fp8_moe). */
+export class MoeLayer extends PreparedLayer {
+  readonly config: Readonly<MoeConfig>;
+
+  constructor(config: MoeConfig) {
+    const k = expectInt("hidden", config.hidden), n = expectInt("intermediate", config.intermediate);
+    const experts = expectInt("experts", config.experts), topk = expectInt("topk", config.topk);
+    expectMultipleOf16("hidden", k);
+    expectMultipleOf16("intermediate", n);
+    if (topk > experts) throw new ArgumentError("topk", undefined, `at most experts = ${experts}`, `got ${topk}`);
+    const [weightScale, actScale] = expectScheme(config.weightScale, config.actScale);
+    const ctx = config.context ?? defaultContext();
+    const m = expectInt("maxTokens", config.maxTokens ?? 4096);
+    super(ctx, ctx.problem({ op: "fp8_moe", m, n, k, experts, topk, weightScale, actScale }), config.backend);
+    this.config = { ...config };
+  }
+
+  /** Validates and prepares the weights (once; loading again replaces them). */
+  load(w: MoeWeights): this {
+    const { k, n, experts: e, weightScale, actScale } = this.problem, dev = this.ctx.device;
+    expectTensor("w13", w.w13, "fp8_e4m3", [e, 2 * n, k], dev);
+    expectTensor("w13Scale", w.w13Scale, "f32", weightScaleShape(weightScale, 2 * n, k, e), dev);
+    expectTensor("w2", w.w2, "fp8_e4m3", [e, k, n], dev);
+    expectTensor("w2Scale", w.w2Scale, "f32", weightScaleShape(weightScale, k, n, e), dev);
+    expectPositiveScales("w13Scale", w.w13Scale);
+    expectPositiveScales("w2Scale", w.w2Scale);
+    expectStatic(actScale, "a1Scale", w.a1Scale, dev);
+    expectStatic(actScale, "a2Scale", w.a2Scale, dev);
+    this.prepare(w);
+    this.statics = { a1Scale: w.a1Scale, a2Scale: w.a2Scale };
+    return this;
+  }
+
+  /** out[t] = sum_j topkWeights[t, j] * expert_{topkIds[t, j]}(x[t]), bf16 [M, K]. */
+  async forward(x: TensorLike, topkIds: TensorLike, topkWeights: TensorLike, opts: { out?: Tensor<"bf16"> } = {}): Promise<Tensor<"bf16">> {
+    const { k, experts, topk } = this.problem, dev = this.ctx.device;
+    const m = x?.shape?.[0];
+    expectTensor("x", x, "bf16", [m, k], dev);
+    expectTensor("topkIds", topkIds, "i32", [m, topk], dev);
+    expectTensor("topkWeights", topkWeights, "f32", [m, topk], dev);
+    expectIds("topkIds", topkIds, experts);
+    expectFinite("topkWeights", topkWeights);
+    const out = opts.out ?? tensor("bf16", [m, k]);
+    expectTensor("out", out, "bf16", [m, k], dev);
+    const handle = this.loaded();
+    await this.ctx.run(this.backend, { ...this.problem, m }, handle, { x, topkIds, topkWeights, out, ...this.statics });
+    return out;
+  }
+}
+
+export interface LinearConfig {
+  /** K */
+  inFeatures: number;
+  /** N */
+  outFeatures: number;
+  weightScale: WeightScale;
+  actScale: ActScale;
+  bias?: boolean;
+  maxTokens?: number;
+  backend?: string;
+  context?: Context;
+}
+
+/** The FP8 linear layer (op fp8_scaled_mm): y = dequant(quant(x)) @ dequant(W)^T (+ bias), bf16. */
+export class Fp8Linear extends PreparedLayer {
+  constructor(readonly config: LinearConfig) {
+    const k = expectInt("inFeatures", config.inFeatures), n = expectInt("outFeatures", config.outFeatures);
+    expectMultipleOf16("inFeatures", k);
+    const [weightScale, actScale] = expectScheme(config.weightScale, config.actScale);
+    const ctx = config.context ?? defaultContext();
+    const m = expectInt("maxTokens", config.maxTokens ?? 4096);
+    super(ctx, ctx.problem({ op: "fp8_scaled_mm", m, n, k, weightScale, actScale, flags: config.bias ? FLAG_HAS_BIAS : 0 }), config.backend);
+  }
+
+  load(w: { w: TensorLike; wScale: TensorLike; bias?: TensorLike; a1Scale?: TensorLike }): this {
+    const { n, k, weightScale, actScale } = this.problem, dev = this.ctx.device;
+    expectTensor("w", w.w, "fp8_e4m3", [n, k], dev);
+    expectTensor("wScale", w.wScale, "f32", weightScaleShape(weightScale, n, k), dev);
+    expectPositiveScales("wScale", w.wScale);
+    if (this.config.bias) expectTensor("bias", w.bias, "bf16", [n], dev);
+    else if (w.bias) throw new ArgumentError("bias", w.bias.shape, "nothing: the layer was opened with bias: false");
+    expectStatic(actScale, "a1Scale", w.a1Scale, dev);
+    this.prepare({ w13: w.w, w13Scale: w.wScale });
+    this.statics = { bias: w.bias, a1Scale: w.a1Scale };
+    return this;
+  }
+
+  async forward(x: TensorLike, opts: { out?: Tensor<"bf16"> } = {}): Promise<Tensor<"bf16">> {
+    const { n, k } = this.problem, dev = this.ctx.device;
+    const m = x?.shape?.[0];
+    expectTensor("x", x, "bf16", [m, k], dev);
+    const out = opts.out ?? tensor("bf16", [m, n]);
+    expectTensor("out", out, "bf16", [m, n], dev);
+    await this.ctx.run(this.backend, { ...this.problem, m }, this.loaded(), { x, out, ...this.statics });
+    return out;
+  }
+}
+
+/** Routing: softmax over router logits f32 [M, E], then the topk largest (ties: lower id first). */
+export async function topkSoftmax(
+  logits: TensorLike,
+  topk: number,
+  opts: { renormalize?: boolean; context?: Context; backend?: string; ids?: Tensor<"i32">; weights?: Tensor<"f32"> } = {},
+): Promise<{ ids: Tensor<"i32">; weights: Tensor<"f32"> }> {
+  const ctx = opts.context ?? defaultContext(), dev = ctx.device;
+  const [m, experts] = logits?.shape ?? [];
+  expectTensor("logits", logits, "f32", [m, experts], dev);
+  expectInt("experts (logits.shape[1])", experts);
+  expectInt("topk", topk);
+  if (topk > experts) throw new ArgumentError("topk", undefined, `at most experts = ${experts}`, `got ${topk}`);
+  expectFinite("logits", logits);
+  const ids = opts.ids ?? tensor("i32", [m, topk]), weights = opts.weights ?? tensor("f32", [m, topk]);
+  expectTensor("ids", ids, "i32", [m, topk], dev);
+  expectTensor("weights", weights, "f32", [m, topk], dev);
+  const problem = ctx.problem({ op: "topk_softmax", m, experts, topk, flags: opts.renormalize ? FLAG_RENORMALIZE : 0 });
+  const { backend } = ctx.select(problem, opts.backend);
+  await ctx.run(backend, problem, 0n, { x: logits, out: ids, outAux: weights });
+  return { ids, weights };
+}
+
+/** Rows of the swizzled NVFP4 scale buffer: room for every expert to start on a 128-row tile. */
+export const nvfp4ScaleRows = (m: number, experts: number) => m + 127 * experts;
+
+/** Expert-grouped NVFP4 quantization of expert-contiguous rows (bit-exact, see README). */
+export async function nvfp4ExpertsQuant(
+  x: TensorLike,
+  expertOffsets: TensorLike,
+  globalScale: TensorLike,
+  opts: { context?: Context; backend?: string; packed?: Tensor<"u8">; scales?: Tensor<"u8"> } = {},
+): Promise<{ packed: Tensor<"u8">; scales: Tensor<"u8"> }> {
+  const ctx = opts.context ?? defaultContext(), dev = ctx.device;
+  const [m, k] = x?.shape ?? [];
+  expectTensor("x", x, "bf16", [m, k], dev);
+  expectMultipleOf16("x.shape[1]", k);
+  const experts = (globalScale?.shape?.[0] ?? 0);
+  expectInt("experts (globalScale.shape[0])", experts);
+  expectTensor("globalScale", globalScale, "f32", [experts], dev);
+  expectPositiveScales("globalScale", globalScale);
+  expectTensor("expertOffsets", expertOffsets, "i32", [experts + 1], dev);
+  expectOffsets("expertOffsets", expertOffsets, m);
+  const scaleShape = [nvfp4ScaleRows(m, experts), cdiv(k, 64) * 4];
+  const packed = opts.packed ?? tensor("u8", [m, k / 2]), scales = opts.scales ?? tensor("u8", scaleShape);
+  expectTensor("packed", packed, "u8", [m, k / 2], dev);
+  expectTensor("scales", scales, "u8", scaleShape, dev);
+  const problem = ctx.problem({ op: "nvfp4_experts_quant", m, k, experts });
+  const { backend } = ctx.select(problem, opts.backend);
+  await ctx.run(backend, problem, 0n, { x, expertOffsets, globalScale, out: packed, outAux: scales });
+  return { packed, scales };
+}

@@ -1,0 +1,157 @@
+// The TypeScript mirror of backends/moeffi.h: enum values, struct layouts and the plugin symbol
+// table. A plugin reports its own struct layout at load time and must match LAYOUT exactly.
+import type { SymbolTable } from "./runtime.ts";
+
+export const ABI_VERSION = 1;
+
+export const OPS = ["fp8_moe", "fp8_scaled_mm", "topk_softmax", "nvfp4_experts_quant"] as const;
+export type Op = typeof OPS[number];
+
+export const WEIGHT_SCALES = ["per-tensor", "per-channel", "block-128"] as const;
+export type WeightScale = typeof WEIGHT_SCALES[number];
+
+export const ACT_SCALES = ["static-tensor", "dynamic-tensor", "dynamic-token", "dynamic-group-128"] as const;
+export type ActScale = typeof ACT_SCALES[number];
+
+export const DEVICES = ["cpu", "cuda"] as const;
+export type DeviceKind = typeof DEVICES[number];
+
+export const STATUS = ["ok", "unsupported", "invalid", "device", "no_memory", "internal"] as const;
+
+export const FLAG_BATCH_INVARIANT = 1 << 0;
+export const FLAG_HAS_BIAS = 1 << 1;
+export const FLAG_RENORMALIZE = 1 << 2;
+
+/** Size, then field offsets in declaration order, as MOEFFI_DEFINE_LAYOUT reports them. */
+export const LAYOUT = {
+  problem: [72, 4, 8, 16, 24, 32, 40, 48, 52, 56, 60, 64],
+  weights: [40, 8, 16, 24, 32],
+  tensors: [112, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104],
+  manifest: [112, 4, 8, 40, 56, 88, 92, 96, 100, 104, 108],
+} as const;
+export const LAYOUT_IDS = { problem: 0, weights: 1, tensors: 2, manifest: 3 } as const;
+
+/** Every plugin exports exactly these symbols (Bun fails a whole dlopen on one missing symbol). */
+export const PLUGIN_SYMBOLS = {
+  moeffi_abi_version: { parameters: [], result: "u32" },
+  moeffi_layout: { parameters: ["u32", "buffer", "u32"], result: "i32" },
+  moeffi_describe: { parameters: ["buffer"], result: "i32" },
+  moeffi_supported: { parameters: ["buffer", "buffer", "u32"], result: "i32" },
+  moeffi_workspace_size: { parameters: ["buffer", "buffer"], result: "i32" },
+  moeffi_prepare: { parameters: ["buffer", "buffer", "buffer", "buffer", "u32"], result: "i32" },
+  moeffi_release: { parameters: ["u64"], result: "void" },
+  moeffi_run: { parameters: ["buffer", "u64", "buffer", "buffer", "u32"], result: "i32" },
+  // The same C function on a Deno worker thread, for long CPU runs that must not block the event loop.
+  moeffi_run_async: { name: "moeffi_run", parameters: ["buffer", "u64", "buffer", "buffer", "u32"], result: "i32", nonblocking: true },
+} as const satisfies SymbolTable;
+
+/** One call's shape (struct moeffi_problem). */
+export interface Problem {
+  op: Op;
+  m: number;
+  n: number;
+  k: number;
+  experts: number;
+  topk: number;
+  weightScale: WeightScale;
+  actScale: ActScale;
+  device: DeviceKind;
+  deviceIndex: number;
+  flags: number;
+}
+
+export function encodeProblem(p: Problem): Uint8Array {
+  const buf = new Uint8Array(LAYOUT.problem[0]);
+  const v = new DataView(buf.buffer);
+  v.setUint32(0, buf.length, true);
+  v.setUint32(4, OPS.indexOf(p.op), true);
+  v.setBigInt64(8, BigInt(p.m), true);
+  v.setBigInt64(16, BigInt(p.n), true);
+  v.setBigInt64(24, BigInt(p.k), true);
+  v.setBigInt64(32, BigInt(p.experts), true);
+  v.setBigInt64(40, BigInt(p.topk), true);
+  v.setUint32(48, WEIGHT_SCALES.indexOf(p.weightScale), true);
+  v.setUint32(52, ACT_SCALES.indexOf(p.actScale), true);
+  v.setUint32(56, DEVICES.indexOf(p.device), true);
+  v.setInt32(60, p.deviceIndex, true);
+  v.setUint32(64, p.flags, true);
+  return buf;
+}
+
+/** Slots of struct moeffi_weights / moeffi_tensors, as addresses (0n = NULL). */
+export interface WeightAddresses {
+  w13: bigint;
+  w13Scale: bigint;
+  w2: bigint;
+  w2Scale: bigint;
+}
+export interface TensorAddresses {
+  x: bigint;
+  topkIds: bigint;
+  topkWeights: bigint;
+  a1Scale: bigint;
+  a2Scale: bigint;
+  bias: bigint;
+  expertOffsets: bigint;
+  globalScale: bigint;
+  out: bigint;
+  outAux: bigint;
+  workspace: bigint;
+  workspaceBytes: bigint;
+  stream: bigint;
+}
+const WEIGHT_SLOTS = ["w13", "w13Scale", "w2", "w2Scale"] as const;
+const TENSOR_SLOTS = [
+  "x", "topkIds", "topkWeights", "a1Scale", "a2Scale", "bias", "expertOffsets", "globalScale",
+  "out", "outAux", "workspace", "workspaceBytes", "stream",
+] as const;
+
+function encodeSlots<K extends string>(layout: readonly number[], slots: readonly K[], a: Partial<Record<K, bigint>>) {
+  const buf = new Uint8Array(layout[0]);
+  const v = new DataView(buf.buffer);
+  v.setUint32(0, buf.length, true);
+  slots.forEach((slot, i) => v.setBigUint64(layout[i + 1], a[slot] ?? 0n, true));
+  return buf;
+}
+export const encodeWeights = (a: Partial<WeightAddresses>) => encodeSlots(LAYOUT.weights, WEIGHT_SLOTS, a);
+export const encodeTensors = (a: Partial<TensorAddresses>) => encodeSlots(LAYOUT.tensors, TENSOR_SLOTS, a);
+
+/** What a backend is and claims (struct moeffi_manifest). */
+export interface Manifest {
+  abiVersion: number;
+  name: string;
+  version: string;
+  archs: string;
+  device: DeviceKind;
+  ops: Op[];
+  weightScales: WeightScale[];
+  actScales: ActScale[];
+  batchInvariantOps: Op[];
+  priority: number;
+}
+
+const cString = (bytes: Uint8Array) => {
+  const end = bytes.indexOf(0);
+  return new TextDecoder().decode(end < 0 ? bytes : bytes.subarray(0, end));
+};
+const bits = <T>(mask: number, names: readonly T[]) => names.filter((_, i) => (mask >>> i) & 1);
+
+export function decodeManifest(buf: Uint8Array): Manifest {
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const device = DEVICES[v.getUint32(88, true)];
+  if (device === undefined) throw new Error(`unknown device kind ${v.getUint32(88, true)}`);
+  return {
+    abiVersion: v.getUint32(4, true),
+    name: cString(buf.subarray(8, 40)),
+    version: cString(buf.subarray(40, 56)),
+    archs: cString(buf.subarray(56, 88)),
+    device,
+    ops: bits(v.getUint32(92, true), OPS),
+    weightScales: bits(v.getUint32(96, true), WEIGHT_SCALES),
+    actScales: bits(v.getUint32(100, true), ACT_SCALES),
+    batchInvariantOps: bits(v.getUint32(104, true), OPS),
+    priority: v.getInt32(108, true),
+  };
+}
+
+export { cString };

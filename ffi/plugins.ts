@@ -1,0 +1,183 @@
+// Plugin discovery and the Backend wrapper. A library is loaded, ABI-checked, layout-checked and its
+// manifest validated; anything wrong skips that library with a reason and the others keep working.
+import { existsSync, readdirSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { MoeffiError } from "../core/errors.ts";
+import {
+  ABI_VERSION, cString, decodeManifest, encodeProblem, encodeTensors, encodeWeights, LAYOUT, LAYOUT_IDS,
+  type Manifest, PLUGIN_SYMBOLS, type Problem, STATUS, type TensorAddresses, type WeightAddresses,
+} from "./abi.ts";
+import { type NativeLibrary, runtime } from "./runtime.ts";
+
+/** Names of the backends that ship with moeffi: a plugin may not take them. */
+export const BUILTIN_NAMES = ["reference", "fallback", "hopper_fp8", "batch_invariant_fp8", "nvfp4"];
+
+/** Where `deno task build` puts the built-in backends. */
+export const BUILTIN_DIR = import.meta.url.startsWith("file:")
+  ? fileURLToPath(new URL("../build/lib/", import.meta.url))
+  : ""; // imported from a URL: no local build folder
+
+const MESSAGE_BYTES = 1024;
+type PluginLibrary = NativeLibrary<typeof PLUGIN_SYMBOLS>;
+
+/** One loaded backend library. */
+export class Backend {
+  constructor(
+    readonly manifest: Manifest,
+    readonly path: string,
+    readonly builtin: boolean,
+    private readonly lib: PluginLibrary,
+  ) {}
+
+  get name(): string {
+    return this.manifest.name;
+  }
+
+  /** The plugin's own verdict: its priority for this problem, or null, and why. */
+  supported(problem: Problem): { priority: number | null; reason: string } {
+    const reason = new Uint8Array(MESSAGE_BYTES);
+    const priority = this.lib.symbols.moeffi_supported(encodeProblem(problem), reason, reason.length) as number;
+    return { priority: priority >= 0 ? priority : null, reason: cString(reason) || "(no reason given)" };
+  }
+
+  workspaceSize(problem: Problem): number {
+    const bytes = new BigUint64Array(1);
+    this.check("workspace_size", problem, this.lib.symbols.moeffi_workspace_size(encodeProblem(problem), bytes), "");
+    return Number(bytes[0]);
+  }
+
+  /** Converts canonical weights once; the returned handle is released with release(). */
+  prepare(problem: Problem, weights: Partial<WeightAddresses>): bigint {
+    const handle = new BigUint64Array(1);
+    const message = new Uint8Array(MESSAGE_BYTES);
+    const status = this.lib.symbols.moeffi_prepare(encodeProblem(problem), encodeWeights(weights), handle, message, message.length);
+    this.check("prepare", problem, status, cString(message));
+    return handle[0];
+  }
+
+  release(handle: bigint): void {
+    if (handle !== 0n) this.lib.symbols.moeffi_release(handle);
+  }
+
+  /** Runs the op. CPU backends run on a Deno worker thread (Bun blocks: it has no nonblocking FFI). */
+  async run(problem: Problem, handle: bigint, tensors: Partial<TensorAddresses>, keepAlive: unknown[]): Promise<void> {
+    const message = new Uint8Array(MESSAGE_BYTES);
+    const args = [encodeProblem(problem), handle, encodeTensors(tensors), message, message.length] as const;
+    const status = this.manifest.device === "cpu"
+      ? await this.lib.symbols.moeffi_run_async(...args)
+      : this.lib.symbols.moeffi_run(...args);
+    keepAlive.length = 0; // the buffers behind the addresses had to live until here
+    this.check("run", problem, status, cString(message));
+  }
+
+  close(): void {
+    this.lib.close();
+  }
+
+  private check(what: string, problem: Problem, status: number, message: string) {
+    if (status === 0) return;
+    const kind = STATUS[status] ?? `status ${status}`;
+    throw new MoeffiError("backend_failed", `${this.name}: ${what} of ${problem.op} failed (${kind})${message ? `: ${message}` : ""}`);
+  }
+}
+
+export interface Skipped {
+  path: string;
+  reason: string;
+}
+
+export interface Registry {
+  /** Built-ins first, then plugins in folder order. */
+  backends: Backend[];
+  skipped: Skipped[];
+}
+
+const LIBRARY = /\.(so|dylib|dll)$/;
+
+function librariesIn(dir: string, skipped: Skipped[]): string[] {
+  if (dir === "") return [];
+  try {
+    if (!existsSync(dir) || !statSync(dir).isDirectory()) {
+      if (dir !== BUILTIN_DIR) skipped.push({ path: dir, reason: "plugin folder does not exist" });
+      return [];
+    }
+    return readdirSync(dir).filter((f) => LIBRARY.test(f)).sort().map((f) => join(dir, f));
+  } catch (e) {
+    skipped.push({ path: dir, reason: `cannot list folder: ${(e as Error).message}` });
+    return [];
+  }
+}
+
+function sameLayout(lib: PluginLibrary): string | undefined {
+  for (const [struct, expected] of Object.entries(LAYOUT)) {
+    const got = new BigUint64Array(32);
+    const n = lib.symbols.moeffi_layout(LAYOUT_IDS[struct as keyof typeof LAYOUT], got, got.length) as number;
+    const actual = [...got.subarray(0, Math.max(n, 0))].map(Number);
+    if (actual.join() !== expected.join()) {
+      return `struct moeffi_${struct} layout differs: plugin [${actual.join(", ")}], core [${expected.join(", ")}]`;
+    }
+  }
+}
+
+function invalidManifest(m: Manifest): string | undefined {
+  if (!/^[a-z0-9_-]{1,31}$/.test(m.name)) return `manifest name "${m.name}" is not 1-31 of [a-z0-9_-]`;
+  if (m.abiVersion !== ABI_VERSION) return `manifest ABI version ${m.abiVersion}, core expects ${ABI_VERSION}`;
+  if (m.ops.length === 0) return "manifest lists no ops";
+}
+
+/** Opens one library and checks it; returns the backend or why it was skipped. */
+function openBackend(path: string, builtin: boolean): Backend | string {
+  let lib: PluginLibrary;
+  try {
+    lib = runtime.open(path, PLUGIN_SYMBOLS);
+  } catch (e) {
+    return `cannot load (every symbol of moeffi.h must be exported): ${(e as Error).message}`;
+  }
+  const fail = (reason: string) => (lib.close(), reason);
+  const abi = lib.symbols.moeffi_abi_version() as number;
+  if (abi !== ABI_VERSION) return fail(`ABI version ${abi}, core expects ${ABI_VERSION}`);
+  const layout = sameLayout(lib);
+  if (layout) return fail(layout);
+  const buf = new Uint8Array(LAYOUT.manifest[0]);
+  new DataView(buf.buffer).setUint32(0, buf.length, true);
+  if ((lib.symbols.moeffi_describe(buf) as number) !== 0) return fail("moeffi_describe failed");
+  let manifest: Manifest;
+  try {
+    manifest = decodeManifest(buf);
+  } catch (e) {
+    return fail(`bad manifest: ${(e as Error).message}`);
+  }
+  const bad = invalidManifest(manifest);
+  if (bad) return fail(bad);
+  return new Backend(manifest, path, builtin, lib);
+}
+
+/** Loads the built-in backends, then every library in each plugin folder. */
+export function loadRegistry(pluginDirs: readonly string[], builtinDir = BUILTIN_DIR): Registry {
+  const registry: Registry = { backends: [], skipped: [] };
+  const sources = [
+    ...librariesIn(builtinDir, registry.skipped).map((path) => ({ path, builtin: true })),
+    ...pluginDirs.flatMap((dir) => librariesIn(dir, registry.skipped)).map((path) => ({ path, builtin: false })),
+  ];
+  for (const { path, builtin } of sources) {
+    const backend = openBackend(path, builtin);
+    if (typeof backend === "string") {
+      registry.skipped.push({ path, reason: backend });
+      continue;
+    }
+    const name = backend.name;
+    const clash = !builtin && BUILTIN_NAMES.includes(name)
+      ? `name "${name}" is reserved for a built-in backend`
+      : registry.backends.some((b) => b.name === name)
+      ? `name "${name}" is already taken by ${registry.backends.find((b) => b.name === name)!.path}`
+      : undefined;
+    if (clash) {
+      backend.close();
+      registry.skipped.push({ path, reason: clash });
+    } else {
+      registry.backends.push(backend);
+    }
+  }
+  return registry;
+}

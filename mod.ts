@@ -1,0 +1,20 @@
+/**
+ * moeffi: Mixture-of-Experts FP8 / NVFP4 kernels for Deno and Bun.
+ *
+ * ```ts
+ * import { MoeLayer, tensor } from "./mod.ts";
+ * using layer = new MoeLayer({ hidden: 1024, intermediate: 512, experts: 8, topk: 2,
+ *   weightScale: "per-channel", actScale: "dynamic-token" }).load(weights);
+ * const out = await layer.forward(x, topkIds, topkWeights); // bf16 [M, hidden]
+ * console.log(layer.backendName, layer.verdicts);
+ * ```
+ * @module
+ */
+export { MoeLayer, type MoeConfig, type MoeWeights, Fp8Linear, type LinearConfig, topkSoftmax, nvfp4ExpertsQuant, nvfp4ScaleRows } from "./core/ops.ts";
+export { Context, type ContextOptions, defaultContext, type ProblemSpec } from "./core/context.ts";
+export { explain, formatVerdicts, type SelectOptions, type Verdict } from "./core/oracle.ts";
+export { Tensor, tensor, type TensorLike, type DType, type Device } from "./core/tensor.ts";
+export { ArgumentError, MoeffiError, type ErrorCode } from "./core/errors.ts";
+export * from "./core/dtypes.ts";
+export { ABI_VERSION, OPS, type Op, WEIGHT_SCALES, type WeightScale, ACT_SCALES, type ActScale, type Manifest, type Problem } from "./ffi/abi.ts";
+export { BUILTIN_NAMES, type Backend, type Skipped } from "./ffi/plugins.ts";

@@ -1,0 +1,109 @@
+// Property tests: every op of the CPU reference backend against the independent float64 reference
+// (tests/reference64.ts) over hundreds of fresh random problems per run. Outputs are poisoned first.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Context, Fp8Linear, MoeLayer, nvfp4ExpertsQuant, nvfp4ScaleRows, tensor, toBf16, topkSoftmax } from "../mod.ts";
+import { fp8MoeRef, nvfp4QuantRef, scaledMmRef, topkSoftmaxRef } from "./reference64.ts";
+import { compareBf16, dim16, fp8Weights, moeTensors, poisonedBf16, randomMoe, Rng, seed } from "./helpers.ts";
+import { ACT_SCALES, WEIGHT_SCALES } from "../ffi/abi.ts";
+import { weightScaleShape } from "../core/validate.ts";
+
+const SEED = seed();
+console.log(`ops.test.ts: MOEFFI_TEST_SEED=${SEED}`);
+const ctx = new Context({ backend: "reference" });
+
+// fp8_moe: see compareBf16 for the two terms. rowTol = 2^-7 covers one fp8 flip of an intermediate
+// element (at most 1/8 of that element, and one element of N >= 16 in the sum) plus fp32 rounding
+// over K <= 512 (K * 2^-24 < 2^-15 of the summed magnitudes).
+const MOE_ROW_TOL = 2 ** -7;
+// fp8_scaled_mm quantizes x bit-identically to the reference, so only fp32 accumulation remains.
+const MM_ROW_TOL = 2 ** -14;
+
+test("fp8_moe: 200 random problems match the float64 reference", async () => {
+  const r = new Rng(SEED);
+  for (let i = 0; i < 200; i++) {
+    // every scheme pair is visited; E, topk, M, K, N are random (see randomMoe)
+    const c = randomMoe(r, { weightScale: WEIGHT_SCALES[i % 3], actScale: ACT_SCALES[Math.floor(i / 3) % 4] });
+    const t = moeTensors(c);
+    using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale, context: ctx }).load(t.weights);
+    const out = await layer.forward(t.x, t.topkIds, t.topkWeights, { out: poisonedBf16([c.m, c.k]) });
+    const bad = compareBf16(out.data, fp8MoeRef(c, c), c.k, MOE_ROW_TOL);
+    assert.equal(bad, undefined, `problem ${i} (E=${c.experts} topk=${c.topk} M=${c.m} K=${c.k} N=${c.n} ${c.weightScale}/${c.actScale}): ${bad}`);
+  }
+});
+
+test("fp8_scaled_mm: 150 random problems match the float64 reference", async () => {
+  const r = new Rng(SEED + 1);
+  for (let i = 0; i < 150; i++) {
+    const weightScale = WEIGHT_SCALES[i % 3], actScale = ACT_SCALES[Math.floor(i / 3) % 4];
+    const k = dim16(r, 640), n = r.int(1, 400), m = r.pick([0, 1, 3, 16, 65, r.int(0, 300)]), bias = r.next() < 0.5;
+    const x = toBf16(r.values(m * k)), w = fp8Weights(r, n * k);
+    const wScale = r.scales(weightScaleShape(weightScale, n, k).reduce((a, b) => a * b), 1 / 4096);
+    const b = bias ? toBf16(r.values(n)) : undefined;
+    const a1Scale = actScale === "static-tensor" ? 4 / 448 : undefined;
+    using lin = new Fp8Linear({ inFeatures: k, outFeatures: n, weightScale, actScale, bias, context: ctx }).load({
+      w: tensor("fp8_e4m3", [n, k], w), wScale: tensor("f32", weightScaleShape(weightScale, n, k), wScale),
+      ...(b ? { bias: tensor("bf16", [n], b) } : {}), ...(a1Scale ? { a1Scale: tensor("f32", [1], [a1Scale]) } : {}),
+    });
+    const out = await lin.forward(tensor("bf16", [m, k], x), { out: poisonedBf16([m, n]) });
+    const ref = scaledMmRef({ m, n, k, weightScale, actScale }, { x, w, wScale, bias: b, a1Scale });
+    const bad = compareBf16(out.data, ref, n, MM_ROW_TOL);
+    assert.equal(bad, undefined, `problem ${i} (M=${m} N=${n} K=${k} ${weightScale}/${actScale} bias=${bias}): ${bad}`);
+  }
+});
+
+test("topk_softmax: 100 random problems, ids exact and weights within fp32 rounding", async () => {
+  const r = new Rng(SEED + 2);
+  for (let i = 0; i < 100; i++) {
+    const experts = r.pick([1, 2, 8, 60, 64, 128, 257, r.int(1, 300)]), topk = r.int(1, Math.min(8, experts));
+    const m = r.pick([0, 1, 7, r.int(0, 300)]), renormalize = r.next() < 0.5;
+    // a quarter of the problems draw logits from a few values, so exact ties are common
+    const ties = r.next() < 0.25;
+    const logits = Float32Array.from({ length: m * experts }, () => ties ? r.int(0, 3) : r.normal() * 4);
+    const { ids, weights } = await topkSoftmax(tensor("f32", [m, experts], logits), topk, {
+      renormalize, context: ctx, ids: tensor("i32", [m, topk], new Int32Array(m * topk).fill(-7)),
+      weights: tensor("f32", [m, topk], new Float32Array(m * topk).fill(NaN)),
+    });
+    const ref = topkSoftmaxRef(logits, m, experts, topk, renormalize);
+    assert.deepEqual([...ids.data], [...ref.ids], `problem ${i}: ids`);
+    // fp32 softmax: exp and divide within a few ulps, the row sum within E ulps (E <= 300)
+    weights.data.forEach((w, j) => assert.ok(Math.abs(w - ref.weights[j]) <= 4e-5 * ref.weights[j] + 1e-9, `problem ${i} weight ${j}: ${w} vs ${ref.weights[j]}`));
+  }
+});
+
+test("nvfp4_experts_quant: 100 random problems are bit-exact, scales swizzled, padding zero", async () => {
+  const r = new Rng(SEED + 3);
+  for (let i = 0; i < 100; i++) {
+    const experts = r.pick([1, 3, 4, 15, 16, 17, 60, 257, r.int(1, 300)]), k = dim16(r, 320);
+    const counts = Array.from({ length: experts }, () => (r.next() < 0.3 ? 0 : r.int(0, r.pick([3, 40, 200]))));
+    const offsets = new Int32Array(experts + 1);
+    counts.forEach((c, e) => (offsets[e + 1] = offsets[e] + c));
+    const m = offsets[experts];
+    const x = toBf16(r.values(m * k, 3));
+    const gs = Float32Array.from({ length: experts }, () => 448 * 6 / (20 * 2 ** (r.next() * 4 - 2)));
+    const { packed, scales } = await nvfp4ExpertsQuant(tensor("bf16", [m, k], x), tensor("i32", [experts + 1], offsets), tensor("f32", [experts], gs), {
+      context: ctx,
+      packed: tensor("u8", [m, k / 2], new Uint8Array(m * k / 2).fill(0xa5)),
+      scales: tensor("u8", [nvfp4ScaleRows(m, experts), Math.ceil(k / 64) * 4], new Uint8Array(nvfp4ScaleRows(m, experts) * Math.ceil(k / 64) * 4).fill(0xa5)),
+    });
+    const ref = nvfp4QuantRef(x, offsets, gs, m, k, experts);
+    assert.deepEqual(packed.data, ref.packed, `problem ${i} (E=${experts} M=${m} K=${k}): packed values`);
+    assert.deepEqual(scales.data, ref.scales, `problem ${i} (E=${experts} M=${m} K=${k}): swizzled scales`);
+  }
+});
+
+test("the fp8_moe comparison can fail: a wrong expert or a flipped output bit is caught", async () => {
+  const r = new Rng(SEED + 4);
+  const c = randomMoe(r, { experts: 4, topk: 2, m: 8, k: 64, n: 32, weightScale: "per-channel", actScale: "dynamic-token" });
+  c.topkIds.forEach((_, i) => (c.topkIds[i] = i % 4));
+  const t = moeTensors(c);
+  using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: 4, topk: 2, weightScale: c.weightScale, actScale: c.actScale, context: ctx }).load(t.weights);
+  const out = await layer.forward(t.x, t.topkIds, t.topkWeights);
+  assert.equal(compareBf16(out.data, fp8MoeRef(c, c), c.k, MOE_ROW_TOL), undefined);
+  const wrong = { ...c, topkIds: c.topkIds.map((e) => (e + 1) % 4) };
+  assert.notEqual(compareBf16(out.data, fp8MoeRef(c, wrong), c.k, MOE_ROW_TOL), undefined);
+  const flipped = out.data.slice();
+  flipped[5] ^= 0x0040; // one exponent bit
+  assert.notEqual(compareBf16(flipped, fp8MoeRef(c, c), c.k, MOE_ROW_TOL), undefined);
+});
+
