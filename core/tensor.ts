@@ -3,7 +3,7 @@
 // address instead of data, so validation and the oracle never care which one they hold.
 import { runtime } from "../ffi/runtime.ts";
 import { ArgumentError } from "./errors.ts";
-import { fromBf16, fromE4m3 } from "./dtypes.ts";
+import { fromBf16, fromE4m3, toBf16, toE4m3 } from "./dtypes.ts";
 
 export type DType = "bf16" | "f32" | "i32" | "fp8_e4m3" | "u8";
 export type Device = "cpu" | `cuda:${number}`;
@@ -15,7 +15,14 @@ const ARRAYS = {
   fp8_e4m3: Uint8Array,
   u8: Uint8Array,
 } as const;
-export type ArrayFor<D extends DType> = InstanceType<typeof ARRAYS[D]>;
+interface Storage {
+  bf16: Uint16Array<ArrayBufferLike>;
+  f32: Float32Array<ArrayBufferLike>;
+  i32: Int32Array<ArrayBufferLike>;
+  fp8_e4m3: Uint8Array<ArrayBufferLike>;
+  u8: Uint8Array<ArrayBufferLike>;
+}
+export type ArrayFor<D extends DType> = Storage[D];
 
 /** What the core needs of any tensor, host or device. */
 export interface TensorLike {
@@ -55,9 +62,24 @@ export class Tensor<D extends DType = DType> implements TensorLike {
   }
 }
 
-/** A host tensor; `data` defaults to zeros. */
-export function tensor<D extends DType>(dtype: D, shape: readonly number[], data?: ArrayFor<D> | ArrayLike<number>): Tensor<D> {
+/**
+ * A host tensor. `data` is either the storage array itself (Uint16Array of bf16 bits, Uint8Array of
+ * fp8 codes, ...), used without a copy, or plain numbers, which bf16 and fp8 encode with rounding
+ * to nearest even. Zeros when omitted.
+ */
+export function tensor<D extends DType>(dtype: D, shape: readonly number[], data?: ArrayFor<D> | readonly number[]): Tensor<D> {
+  if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+    throw new ArgumentError("shape", shape, "non-negative integer dimensions");
+  }
   const Ctor = ARRAYS[dtype];
-  const arr = data instanceof Ctor ? data : data ? new Ctor(data as ArrayLike<number>) : new Ctor(numel(shape));
+  if (ArrayBuffer.isView(data) && !(data instanceof Ctor)) {
+    throw new ArgumentError("data", shape, `a ${Ctor.name} (or plain numbers) for dtype ${dtype}`, `got a ${data.constructor.name}`);
+  }
+  const values = data as readonly number[] | undefined;
+  const arr = ArrayBuffer.isView(data) ? data
+    : values === undefined ? new Ctor(numel(shape))
+    : dtype === "bf16" ? toBf16(values)
+    : dtype === "fp8_e4m3" ? toE4m3(values)
+    : new Ctor(values);
   return new Tensor(dtype, [...shape], arr as ArrayFor<D>);
 }

@@ -140,6 +140,13 @@ export function compareBf16(got: Uint16Array, ref: Float64Array, cols: number, r
   }
 }
 
+/** Index of the first differing element (or length mismatch), -1 when equal; fast in both runtimes. */
+export function firstDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) return Math.min(a.length, b.length);
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i] && !(a[i] !== a[i] && b[i] !== b[i])) return i;
+  return -1;
+}
+
 /** Rounds a float64 reference to bf16 and back, for exact comparisons. */
 export const roundBf16 = (v: Float64Array) => Float64Array.from(v, (x) => bf16ToF32(f32ToBf16(x)));
 

@@ -41,7 +41,7 @@ const bunCount = (out: string) => {
 };
 
 const deno = await runSuite("deno", ["test", "-A", "tests/"], denoCount);
-const bun = await runSuite("bun", ["test", "tests/"], bunCount);
+const bun = await runSuite("bun", ["test", "--timeout", "600000", "tests/"], bunCount);
 console.log(`\ndeno: ${deno.passed} passed, ${deno.failed} failed`);
 console.log(`bun: ${bun.passed} passed, ${bun.failed} failed`);
 const failed = deno.failed + bun.failed + (deno.ok ? 0 : deno.failed ? 0 : 1) + (bun.ok ? 0 : bun.failed ? 0 : 1);

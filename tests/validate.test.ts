@@ -75,7 +75,8 @@ test("forward: ids must be in [0, E) or -1; weights finite", async () => {
 
 test("tensors: data length must match the shape and dtype", async () => {
   await rejects(() => tensor("bf16", [2, 3], new Uint16Array(5)), "data", /6 elements; got 5/);
-  await rejects(() => tensor("bf16", [2, 3], new Float32Array(6) as unknown as Uint16Array), "data", /a Uint16Array for dtype bf16/);
+  await rejects(() => tensor("bf16", [2, 3], new Float32Array(6) as unknown as Uint16Array), "data", /a Uint16Array \(or plain numbers\) for dtype bf16; got a Float32Array/);
+  assert.deepEqual([...tensor("bf16", [2], [1.5, -2]).toFloat32()], [1.5, -2]); // plain numbers are values
   await rejects(() => tensor("f32", [-1, 3]), "shape", /non-negative integer dimensions/);
 });
 

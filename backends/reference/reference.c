@@ -210,7 +210,7 @@ typedef struct {
   uint64_t acc;             /* moe: GEMM1 out [P, 2N], later GEMM2 out [P, K]; mm: [M, N] */
   uint64_t hq, hs;          /* moe: quantized intermediate [P, N], its scales [P, ngh] */
   uint64_t cursor, offsets; /* moe: per-expert fill cursor [E], row starts [E+1] (int32) */
-  uint64_t list;            /* moe: (t * topk + j) grouped by expert [P] (int32) */
+  uint64_t list, tokens;    /* moe: (t * topk + j) grouped by expert, and its t [P] (int32) */
   uint64_t total;
 } ws_plan;
 
@@ -234,6 +234,7 @@ static int32_t plan_workspace(const moeffi_problem *p, ws_plan *w, char *msg, ui
     w->cursor = take(&c, e, sizeof(int32_t));
     w->offsets = take(&c, e + 1, sizeof(int32_t));
     w->list = take(&c, pairs, sizeof(int32_t));
+    w->tokens = take(&c, pairs, sizeof(int32_t));
   }
   if (c >= TOO_LARGE) FAIL(MOEFFI_NO_MEMORY, "workspace size overflows");
   w->total = c;
@@ -273,15 +274,16 @@ static void quantize_rows(float *v, int64_t len, const int32_t *rows, int64_t nr
 
 /* ---- dequant GEMM ---- */
 
-/* out[p, r] = dequant(a[p / a_div]) . dequant(w[r]) for the listed output rows p. */
+/* out[list[i], r] = dequant(a[arows[i]]) . dequant(w[r]) for the listed rows i. */
 typedef struct {
   const uint8_t *w; /* fp8 [rows, len] */
   const float *ws;  /* its scales, per the weight scheme */
   uint32_t wscheme;
   int64_t len, nkb;            /* reduction length and its count of 128 blocks */
   const float *a, *as;         /* decoded activations [*, len] and their scales [*, a_ng] */
-  int64_t a_ng, a_div;         /* activation row of output row p is p / a_div */
+  int64_t a_ng;
   const int32_t *list;         /* output rows (NULL = 0..count-1) */
+  const int32_t *arows;        /* activation row of each listed output row (NULL = the same row) */
   int64_t count;
   float *out;
   int64_t out_stride;
@@ -319,7 +321,7 @@ static void gemm_rows(const gemm_job *g, int64_t r0, int64_t r1) {
       const uint8_t *w = g->w + r * g->len + k0;
       for (int64_t i = 0; i < n; i++) wdec[i] = e4m3_table[w[i]];
       for (int64_t i = 0; i < g->count; i++) {
-        int64_t p = g->list ? g->list[i] : i, ar = p / g->a_div;
+        int64_t p = g->list ? g->list[i] : i, ar = g->arows ? g->arows[i] : p;
         float partial = dot_block(g->a + ar * g->len + k0, wdec, n);
         float *o = g->out + p * g->out_stride + r, acc = kb ? *o : 0.0f;
         if (g->kblocked) {
@@ -348,6 +350,7 @@ static void run_gemm(const gemm_job *job, int64_t rows, int64_t experts, const i
       g.w += e * w_stride;
       g.ws += e * s_stride;
       g.list += offsets[e];
+      g.arows += g.arows ? offsets[e] : 0;
       g.count = offsets[e + 1] - offsets[e];
     }
     gemm_rows(&g, r0, min64(rows, r0 + ROW_BLOCK));
@@ -403,7 +406,7 @@ static int32_t run_fp8_moe(const moeffi_problem *p, const ref_handle *h, const m
   float *xa = (float *)(base + w.xa), *xs = (float *)(base + w.xs), *acc = (float *)(base + w.acc);
   float *hq = (float *)(base + w.hq), *hs = (float *)(base + w.hs);
   int32_t *cursor = (int32_t *)(base + w.cursor), *offsets = (int32_t *)(base + w.offsets);
-  int32_t *list = (int32_t *)(base + w.list);
+  int32_t *list = (int32_t *)(base + w.list), *tokens = (int32_t *)(base + w.tokens);
 
   /* Group the (t, j) pairs by expert, stable in (t, j) order: a counting sort. */
   memset(offsets, 0, (size_t)(E + 1) * sizeof(int32_t));
@@ -411,7 +414,10 @@ static int32_t run_fp8_moe(const moeffi_problem *p, const ref_handle *h, const m
     if (ids[i] >= 0) offsets[ids[i] + 1]++;
   for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e], cursor[e] = offsets[e];
   for (int64_t i = 0; i < P; i++)
-    if (ids[i] >= 0) list[cursor[ids[i]]++] = (int32_t)i;
+    if (ids[i] >= 0) {
+      tokens[cursor[ids[i]]] = (int32_t)(i / topk);
+      list[cursor[ids[i]]++] = (int32_t)i;
+    }
   const int64_t routed = offsets[E];
 
   geometry g13, g2;
@@ -420,7 +426,7 @@ static int32_t run_fp8_moe(const moeffi_problem *p, const ref_handle *h, const m
   quantize_input(p, t->x, a1, xa, xs);
 
   gemm_job job = {.w = h->w13, .ws = h->w13_scale, .wscheme = p->weight_scale, .len = K, .nkb = ceil_div(K, QBLK),
-                  .a = xa, .as = xs, .a_ng = act_groups(p->act_scale, K), .a_div = topk, .list = list,
+                  .a = xa, .as = xs, .a_ng = act_groups(p->act_scale, K), .list = list, .arows = tokens,
                   .out = acc, .out_stride = 2 * N, .kblocked = kblocked(p)};
   run_gemm(&job, 2 * N, E, offsets, 2 * N * K, g13.nscales);
 
@@ -433,7 +439,7 @@ static int32_t run_fp8_moe(const moeffi_problem *p, const ref_handle *h, const m
   quantize_rows(hq, N, list, routed, p->act_scale, a2, hs);
 
   gemm_job job2 = {.w = h->w2, .ws = h->w2_scale, .wscheme = p->weight_scale, .len = N, .nkb = ceil_div(N, QBLK),
-                   .a = hq, .as = hs, .a_ng = act_groups(p->act_scale, N), .a_div = 1, .list = list,
+                   .a = hq, .as = hs, .a_ng = act_groups(p->act_scale, N), .list = list,
                    .out = acc, .out_stride = K, .kblocked = kblocked(p)};
   run_gemm(&job2, K, E, offsets, K * N, g2.nscales);
 
@@ -474,7 +480,7 @@ static int32_t run_fp8_mm(const moeffi_problem *p, const ref_handle *h, const mo
 
   quantize_input(p, t->x, a1, xa, xs);
   gemm_job job = {.w = h->w13, .ws = h->w13_scale, .wscheme = p->weight_scale, .len = K, .nkb = ceil_div(K, QBLK),
-                  .a = xa, .as = xs, .a_ng = act_groups(p->act_scale, K), .a_div = 1, .count = M,
+                  .a = xa, .as = xs, .a_ng = act_groups(p->act_scale, K), .count = M,
                   .out = acc, .out_stride = N, .kblocked = kblocked(p)};
   run_gemm(&job, N, 1, NULL, 0, 0);
 
