@@ -306,7 +306,7 @@ static inline float dot_block(const float *restrict a, const float *restrict b, 
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
-  for (int l = 0; i < n; i++, l++) acc[l] += a[i] * b[i];
+  for (; i < n; i++) acc[i % 8] += a[i] * b[i]; /* tail: lane i % 8, as if zero-padded */
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
