@@ -140,6 +140,13 @@ export function compareBf16(got: Uint16Array, ref: Float64Array, cols: number, r
   }
 }
 
+/** ||got - ref|| / ||ref|| over a whole output (0 when ref is all zero and got matches). */
+export function relativeL2(got: Uint16Array, ref: Float64Array): number {
+  let e = 0, r = 0;
+  for (let i = 0; i < ref.length; i++) (e += (bf16ToF32(got[i]) - ref[i]) ** 2), (r += ref[i] ** 2);
+  return r > 0 ? Math.sqrt(e / r) : Math.sqrt(e);
+}
+
 /** Index of the first differing element (or length mismatch), -1 when equal; fast in both runtimes. */
 export function firstDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   if (a.length !== b.length) return Math.min(a.length, b.length);
