@@ -118,7 +118,14 @@ typedef struct moeffi_tensors {
   void *workspace;     /* workspace_bytes bytes on problem.device, owned by the caller */
   uint64_t workspace_bytes;
   void *stream;        /* cudaStream_t for CUDA backends; NULL = default stream; ignored on the CPU */
+  uint32_t *error_flags; /* host-visible word (mapped pinned memory for CUDA); kernels OR in a
+                            MOEFFI_ERROR_* bit when they meet invalid device data, and the core reads
+                            it after synchronizing. NULL = do not report. */
 } moeffi_tensors;
+
+/* Bits of *tensors->error_flags. */
+#define MOEFFI_ERROR_TOPK_ID (1u << 0)        /* a topk id outside [-1, E): that slot contributed nothing */
+#define MOEFFI_ERROR_EXPERT_OFFSETS (1u << 1) /* expert offsets not 0..M non-decreasing: nothing written */
 
 /* What a backend is and claims. Filled by moeffi_describe(). */
 typedef struct moeffi_manifest {
@@ -190,7 +197,8 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
                     MOEFFI_F(moeffi_tensors, bias), MOEFFI_F(moeffi_tensors, expert_offsets),       \
                     MOEFFI_F(moeffi_tensors, global_scale), MOEFFI_F(moeffi_tensors, out),          \
                     MOEFFI_F(moeffi_tensors, out_aux), MOEFFI_F(moeffi_tensors, workspace),         \
-                    MOEFFI_F(moeffi_tensors, workspace_bytes), MOEFFI_F(moeffi_tensors, stream)};   \
+                    MOEFFI_F(moeffi_tensors, workspace_bytes), MOEFFI_F(moeffi_tensors, stream),    \
+                    MOEFFI_F(moeffi_tensors, error_flags)};                                         \
     uint64_t f[] = {sizeof(moeffi_manifest), MOEFFI_F(moeffi_manifest, abi_version),                \
                     MOEFFI_F(moeffi_manifest, name), MOEFFI_F(moeffi_manifest, version),            \
                     MOEFFI_F(moeffi_manifest, archs), MOEFFI_F(moeffi_manifest, device),            \

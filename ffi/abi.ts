@@ -22,11 +22,14 @@ export const FLAG_BATCH_INVARIANT = 1 << 0;
 export const FLAG_HAS_BIAS = 1 << 1;
 export const FLAG_RENORMALIZE = 1 << 2;
 
+/** Bits a backend sets in tensors.error_flags when it meets invalid device data. */
+export const ERROR_FLAGS = { 1: "a topk id outside [-1, E) (that slot contributed nothing)", 2: "expert offsets not 0..M non-decreasing" } as const;
+
 /** Size, then field offsets in declaration order, as MOEFFI_DEFINE_LAYOUT reports them. */
 export const LAYOUT = {
   problem: [72, 4, 8, 16, 24, 32, 40, 48, 52, 56, 60, 64],
   weights: [40, 8, 16, 24, 32],
-  tensors: [112, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104],
+  tensors: [120, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112],
   manifest: [112, 4, 8, 40, 56, 88, 92, 96, 100, 104, 108],
 } as const;
 export const LAYOUT_IDS = { problem: 0, weights: 1, tensors: 2, manifest: 3 } as const;
@@ -99,11 +102,12 @@ export interface TensorAddresses {
   workspace: bigint;
   workspaceBytes: bigint;
   stream: bigint;
+  errorFlags: bigint;
 }
 const WEIGHT_SLOTS = ["w13", "w13Scale", "w2", "w2Scale"] as const;
 const TENSOR_SLOTS = [
   "x", "topkIds", "topkWeights", "a1Scale", "a2Scale", "bias", "expertOffsets", "globalScale",
-  "out", "outAux", "workspace", "workspaceBytes", "stream",
+  "out", "outAux", "workspace", "workspaceBytes", "stream", "errorFlags",
 ] as const;
 
 function encodeSlots<K extends string>(layout: readonly number[], slots: readonly K[], a: Partial<Record<K, bigint>>) {
