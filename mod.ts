@@ -14,6 +14,8 @@ export { MoeLayer, type MoeConfig, type MoeWeights, Fp8Linear, type LinearConfig
 export { Context, type ContextOptions, defaultContext, type ProblemSpec } from "./core/context.ts";
 export { explain, formatVerdicts, type SelectOptions, type Verdict } from "./core/oracle.ts";
 export { Tensor, tensor, type TensorLike, type DType, type Device } from "./core/tensor.ts";
+export { CudaDevice, DeviceTensor } from "./cuda/device.ts";
+export type { Like } from "./core/ops.ts";
 export { ArgumentError, MoeffiError, type ErrorCode } from "./core/errors.ts";
 export * from "./core/dtypes.ts";
 export { ABI_VERSION, OPS, type Op, WEIGHT_SCALES, type WeightScale, ACT_SCALES, type ActScale, type Manifest, type Problem } from "./ffi/abi.ts";

@@ -5,12 +5,14 @@ import { type Backend, loadRegistry, type Registry } from "../ffi/plugins.ts";
 import { runtime } from "../ffi/runtime.ts";
 import { ArgumentError, MoeffiError } from "./errors.ts";
 import { explain, optionsFromEnv, select, type SelectOptions, type Verdict } from "./oracle.ts";
-import type { Device, TensorLike } from "./tensor.ts";
+import { type Device, type DType, type Tensor, tensor, type TensorLike } from "./tensor.ts";
+import { CudaDevice, type DeviceTensor } from "../cuda/device.ts";
+import { cudaDriver } from "../cuda/driver.ts";
 
 export interface ContextOptions extends SelectOptions {
   /** Extra plugin folders, searched after MOEFFI_PLUGIN_PATH (colon-separated). */
   pluginPaths?: readonly string[];
-  /** Where tensors live. Only "cpu" until the CUDA backends land. */
+  /** Where tensors live (MOEFFI_DEVICE): "cpu" or "cuda:N"; default cuda:0 when a GPU is present. */
   device?: Device;
 }
 
@@ -21,6 +23,9 @@ export class Context implements Disposable {
   readonly registry: Registry;
   readonly options: SelectOptions;
   readonly device: Device;
+  /** The CUDA device when `device` is one. */
+  readonly cuda?: CudaDevice;
+  #workspace?: DeviceTensor<"u8">;
 
   constructor(options: ContextOptions = {}) {
     const env = optionsFromEnv();
@@ -30,8 +35,10 @@ export class Context implements Disposable {
       batchInvariant: options.batchInvariant ?? env.batchInvariant,
       log: options.log ?? env.log,
     };
-    this.device = options.device ?? "cpu";
-    if (this.device !== "cpu") throw new ArgumentError("device", undefined, `"cpu" (CUDA devices are not supported yet)`, `got ${this.device}`);
+    const device = options.device ?? runtime.env("MOEFFI_DEVICE") ?? ("error" in cudaDriver() ? "cpu" : "cuda:0");
+    if (device !== "cpu" && !/^cuda:\d+$/.test(device)) throw new ArgumentError("device", undefined, `"cpu" or "cuda:N"`, `got ${device}`);
+    this.device = device as Device;
+    if (device !== "cpu") this.cuda = CudaDevice.get(Number(device.slice(5)));
     const envPaths = runtime.env("MOEFFI_PLUGIN_PATH")?.split(":").filter(Boolean) ?? [];
     this.registry = loadRegistry([...envPaths, ...(options.pluginPaths ?? [])]);
   }
@@ -60,6 +67,34 @@ export class Context implements Disposable {
     return select(this.registry, this.withFlags(problem), { ...this.options, backend: backend ?? this.options.backend });
   }
 
+  /** A new tensor on this context's device (zeros on the host, uninitialized on a GPU). */
+  empty<D extends DType>(dtype: D, shape: readonly number[]): Tensor<D> | DeviceTensor<D> {
+    return this.cuda ? this.cuda.empty(dtype, shape) : tensor(dtype, shape);
+  }
+
+  /** A host tensor moved to this context's device (the same tensor on the CPU). */
+  upload<D extends DType>(t: Tensor<D>): Tensor<D> | DeviceTensor<D> {
+    return this.cuda ? this.cuda.upload(t) : t;
+  }
+
+  /** Waits for queued device work and reports errors found by kernels; a no-op on the CPU. */
+  async synchronize(): Promise<void> {
+    await this.cuda?.synchronize();
+  }
+
+  /** Workspace for one run: a fresh host buffer, or this device's grow-only buffer (runs are stream-ordered). */
+  private workspace(bytes: number): { address: bigint; keep: unknown } {
+    if (!this.cuda) {
+      const host = new Uint8Array(bytes);
+      return { address: runtime.addressOf(host), keep: host };
+    }
+    if (!this.#workspace || this.#workspace.bytes < bytes) {
+      this.#workspace?.[Symbol.dispose]();
+      this.#workspace = this.cuda.empty("u8", [bytes]);
+    }
+    return { address: this.#workspace.address(), keep: this.#workspace };
+  }
+
   /** Runs one op: tensors become addresses, the workspace is sized exactly and owned here. */
   async run(backend: Backend, problem: Problem, handle: bigint, slots: Partial<Record<keyof TensorAddresses, TensorLike>>): Promise<void> {
     const p = this.withFlags(problem);
@@ -67,16 +102,21 @@ export class Context implements Disposable {
     if (verdict.priority === null) {
       throw new MoeffiError("backend_rejected", `${backend.name} cannot run ${p.op} with M=${p.m}: ${verdict.reason}`);
     }
-    const workspace = new Uint8Array(backend.workspaceSize(p));
-    const addresses: Partial<TensorAddresses> = { workspace: runtime.addressOf(workspace), workspaceBytes: BigInt(workspace.length) };
+    const bytes = backend.workspaceSize(p);
+    const workspace = this.workspace(bytes);
+    const addresses: Partial<TensorAddresses> = {
+      workspace: workspace.address, workspaceBytes: BigInt(bytes),
+      stream: this.cuda?.stream ?? 0n, errorFlags: this.cuda?.errorFlags ?? 0n,
+    };
     for (const [slot, t] of Object.entries(slots)) {
       if (t) addresses[slot as keyof TensorAddresses] = t.address();
     }
-    await backend.run(p, handle, addresses, [workspace, slots]);
+    await backend.run(p, handle, addresses, [workspace.keep, slots]);
   }
 
   /** Closes every backend library. Layers made from this context must be disposed first. */
   [Symbol.dispose](): void {
+    this.#workspace?.[Symbol.dispose]();
     for (const b of this.registry.backends) b.close();
     this.registry.backends.length = 0;
   }

@@ -7,6 +7,7 @@ export type ErrorCode =
   | "backend_rejected" // the backend forced by option or MOEFFI_BACKEND does not support the problem
   | "unknown_backend" //  a forced or disabled name matches no loaded backend
   | "backend_failed" //   a backend returned an error status from prepare or run
+  | "device_error" //     a CUDA call failed, or a kernel found invalid device data (reported at the next sync)
   | "disposed"; //        the object was used after dispose()
 
 export class MoeffiError extends Error {

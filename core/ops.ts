@@ -5,7 +5,11 @@ import type { Backend } from "../ffi/plugins.ts";
 import { type Context, defaultContext } from "./context.ts";
 import { ArgumentError, MoeffiError } from "./errors.ts";
 import type { Verdict } from "./oracle.ts";
-import { type Tensor, tensor, type TensorLike } from "./tensor.ts";
+import type { DType, Tensor, TensorLike } from "./tensor.ts";
+import type { DeviceTensor } from "../cuda/device.ts";
+
+/** A tensor of dtype D where T lives: outputs are on the device of the inputs. */
+export type Like<T, D extends DType> = T extends DeviceTensor ? DeviceTensor<D> : Tensor<D>;
 import {
   cdiv, expectFinite, expectIds, expectInt, expectMultipleOf16, expectOffsets, expectPositiveScales, expectScheme,
   expectTensor, weightScaleShape,
@@ -57,12 +61,12 @@ abstract class PreparedLayer implements Disposable {
 }
 
 /** Static activation scales are given exactly when the scheme is static. */
-function expectStatic(act: ActScale, name: string, t: TensorLike | undefined, device: Problem["device"] | string) {
+function expectStatic(act: ActScale, name: string, t: TensorLike | undefined, device: Context["device"]) {
   if (act !== "static-tensor") {
     if (t) throw new ArgumentError(name, t.shape, `nothing: ${act} activations compute their own scales`);
     return;
   }
-  expectTensor(name, t, "f32", [1], device === "cuda" ? "cuda:0" : "cpu");
+  expectTensor(name, t, "f32", [1], device);
   expectPositiveScales(name, t!);
 }
 
@@ -125,7 +129,7 @@ export class MoeLayer extends PreparedLayer {
   }
 
   /** out[t] = sum_j topkWeights[t, j] * expert_{topkIds[t, j]}(x[t]), bf16 [M, K]. */
-  async forward(x: TensorLike, topkIds: TensorLike, topkWeights: TensorLike, opts: { out?: Tensor<"bf16"> } = {}): Promise<Tensor<"bf16">> {
+  async forward<T extends TensorLike>(x: T, topkIds: TensorLike, topkWeights: TensorLike, opts: { out?: Like<T, "bf16"> } = {}): Promise<Like<T, "bf16">> {
     const { k, experts, topk } = this.problem, dev = this.ctx.device;
     const m = x?.shape?.[0];
     expectTensor("x", x, "bf16", [m, k], dev);
@@ -133,7 +137,7 @@ export class MoeLayer extends PreparedLayer {
     expectTensor("topkWeights", topkWeights, "f32", [m, topk], dev);
     expectIds("topkIds", topkIds, experts);
     expectFinite("topkWeights", topkWeights);
-    const out = opts.out ?? tensor("bf16", [m, k]);
+    const out = opts.out ?? this.ctx.empty("bf16", [m, k]) as Like<T, "bf16">;
     expectTensor("out", out, "bf16", [m, k], dev);
     const handle = this.loaded();
     await this.ctx.run(this.backend, { ...this.problem, m }, handle, { x, topkIds, topkWeights, out, ...this.statics });
@@ -178,11 +182,11 @@ export class Fp8Linear extends PreparedLayer {
     return this;
   }
 
-  async forward(x: TensorLike, opts: { out?: Tensor<"bf16"> } = {}): Promise<Tensor<"bf16">> {
+  async forward<T extends TensorLike>(x: T, opts: { out?: Like<T, "bf16"> } = {}): Promise<Like<T, "bf16">> {
     const { n, k } = this.problem, dev = this.ctx.device;
     const m = x?.shape?.[0];
     expectTensor("x", x, "bf16", [m, k], dev);
-    const out = opts.out ?? tensor("bf16", [m, n]);
+    const out = opts.out ?? this.ctx.empty("bf16", [m, n]) as Like<T, "bf16">;
     expectTensor("out", out, "bf16", [m, n], dev);
     await this.ctx.run(this.backend, { ...this.problem, m }, this.loaded(), { x, out, ...this.statics });
     return out;
@@ -190,11 +194,11 @@ export class Fp8Linear extends PreparedLayer {
 }
 
 /** Routing: softmax over router logits f32 [M, E], then the topk largest (ties: lower id first). */
-export async function topkSoftmax(
-  logits: TensorLike,
+export async function topkSoftmax<T extends TensorLike>(
+  logits: T,
   topk: number,
-  opts: { renormalize?: boolean; context?: Context; backend?: string; ids?: Tensor<"i32">; weights?: Tensor<"f32"> } = {},
-): Promise<{ ids: Tensor<"i32">; weights: Tensor<"f32"> }> {
+  opts: { renormalize?: boolean; context?: Context; backend?: string; ids?: Like<T, "i32">; weights?: Like<T, "f32"> } = {},
+): Promise<{ ids: Like<T, "i32">; weights: Like<T, "f32"> }> {
   const ctx = opts.context ?? defaultContext(), dev = ctx.device;
   const [m, experts] = logits?.shape ?? [];
   expectTensor("logits", logits, "f32", [m, experts], dev);
@@ -202,7 +206,8 @@ export async function topkSoftmax(
   expectInt("topk", topk);
   if (topk > experts) throw new ArgumentError("topk", undefined, `at most experts = ${experts}`, `got ${topk}`);
   expectFinite("logits", logits);
-  const ids = opts.ids ?? tensor("i32", [m, topk]), weights = opts.weights ?? tensor("f32", [m, topk]);
+  const ids = opts.ids ?? ctx.empty("i32", [m, topk]) as Like<T, "i32">;
+  const weights = opts.weights ?? ctx.empty("f32", [m, topk]) as Like<T, "f32">;
   expectTensor("ids", ids, "i32", [m, topk], dev);
   expectTensor("weights", weights, "f32", [m, topk], dev);
   const problem = ctx.problem({ op: "topk_softmax", m, experts, topk, flags: opts.renormalize ? FLAG_RENORMALIZE : 0 });
@@ -215,12 +220,12 @@ export async function topkSoftmax(
 export const nvfp4ScaleRows = (m: number, experts: number) => m + 127 * experts;
 
 /** Expert-grouped NVFP4 quantization of expert-contiguous rows (bit-exact, see README). */
-export async function nvfp4ExpertsQuant(
-  x: TensorLike,
+export async function nvfp4ExpertsQuant<T extends TensorLike>(
+  x: T,
   expertOffsets: TensorLike,
   globalScale: TensorLike,
-  opts: { context?: Context; backend?: string; packed?: Tensor<"u8">; scales?: Tensor<"u8"> } = {},
-): Promise<{ packed: Tensor<"u8">; scales: Tensor<"u8"> }> {
+  opts: { context?: Context; backend?: string; packed?: Like<T, "u8">; scales?: Like<T, "u8"> } = {},
+): Promise<{ packed: Like<T, "u8">; scales: Like<T, "u8"> }> {
   const ctx = opts.context ?? defaultContext(), dev = ctx.device;
   const [m, k] = x?.shape ?? [];
   expectTensor("x", x, "bf16", [m, k], dev);
@@ -232,7 +237,8 @@ export async function nvfp4ExpertsQuant(
   expectTensor("expertOffsets", expertOffsets, "i32", [experts + 1], dev);
   expectOffsets("expertOffsets", expertOffsets, m);
   const scaleShape = [nvfp4ScaleRows(m, experts), cdiv(k, 64) * 4];
-  const packed = opts.packed ?? tensor("u8", [m, k / 2]), scales = opts.scales ?? tensor("u8", scaleShape);
+  const packed = opts.packed ?? ctx.empty("u8", [m, k / 2]) as Like<T, "u8">;
+  const scales = opts.scales ?? ctx.empty("u8", scaleShape) as Like<T, "u8">;
   expectTensor("packed", packed, "u8", [m, k / 2], dev);
   expectTensor("scales", scales, "u8", scaleShape, dev);
   const problem = ctx.problem({ op: "nvfp4_experts_quant", m, k, experts });

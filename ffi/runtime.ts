@@ -27,6 +27,10 @@ export interface Runtime {
   open<T extends SymbolTable>(path: string, symbols: T): NativeLibrary<T>;
   /** The address of a typed array's first byte; 0n for an empty one (Deno passes those as NULL). */
   addressOf(view: ArrayBufferView): bigint;
+  /** The `bytes` bytes of native memory at `address` as an ArrayBuffer (no copy). */
+  memory(address: bigint, bytes: number): ArrayBuffer;
+  /** The NUL-terminated string at `address`. */
+  cString(address: bigint): string;
   env(name: string): string | undefined;
 }
 

@@ -1,7 +1,7 @@
 /// <reference types="bun-types" />
 // Bun side of the FFI adapter (see runtime.ts). Bun has no per-symbol alias, so each C symbol is
 // opened once and keys that share it get the same function; "nonblocking" does not exist in Bun.
-import { dlopen, ptr } from "bun:ffi";
+import { CString, dlopen, type Pointer, ptr, toArrayBuffer } from "bun:ffi";
 import type { NativeFunction, NativeLibrary, NativeType, Runtime, SymbolTable } from "./runtime.ts";
 
 const BUN_TYPE: Record<NativeType, string> = { u32: "u32", i32: "i32", u64: "u64", buffer: "ptr", void: "void" };
@@ -23,6 +23,12 @@ export const runtime: Runtime = {
   },
   addressOf(view: ArrayBufferView): bigint {
     return view.byteLength === 0 ? 0n : BigInt(ptr(view as unknown as Uint8Array));
+  },
+  memory(address: bigint, bytes: number): ArrayBuffer {
+    return toArrayBuffer(Number(address) as Pointer, 0, bytes);
+  },
+  cString(address: bigint): string {
+    return new CString(Number(address) as Pointer).toString();
   },
   env(name: string): string | undefined {
     return process.env[name];

@@ -11,6 +11,12 @@ export const runtime: Runtime = {
     if (view.byteLength === 0) return 0n;
     return BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(view as Uint8Array<ArrayBuffer>)));
   },
+  memory(address: bigint, bytes: number): ArrayBuffer {
+    return Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(address)!, bytes);
+  },
+  cString(address: bigint): string {
+    return Deno.UnsafePointerView.getCString(Deno.UnsafePointer.create(address)!);
+  },
   env(name: string): string | undefined {
     try {
       return Deno.env.get(name);

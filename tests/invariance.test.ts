@@ -7,7 +7,7 @@ import { firstDiff, fp8Weights, moeTensors, randomMoe, Rng, seed } from "./helpe
 import type { ActScale, WeightScale } from "../ffi/abi.ts";
 
 const SEED = seed();
-const ctx = new Context({ batchInvariant: true });
+const ctx = new Context({ device: "cpu", batchInvariant: true });
 const SIZES = [1, 16, 17, 32, 64, 65, 256, 257];
 const SCHEMES: [WeightScale, ActScale][] = [["per-channel", "dynamic-token"], ["block-128", "dynamic-group-128"], ["per-tensor", "static-tensor"]];
 

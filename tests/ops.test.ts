@@ -10,7 +10,7 @@ import { weightScaleShape } from "../core/validate.ts";
 
 const SEED = seed();
 console.log(`ops.test.ts: MOEFFI_TEST_SEED=${SEED}`);
-const ctx = new Context({ backend: "reference" });
+const ctx = new Context({ device: "cpu", backend: "reference" });
 
 // fp8_moe is checked twice.
 // 1. Per element (compareBf16): 2^-8 |ref| for the bf16 output plus 2^-4 of the row's largest output.

@@ -10,7 +10,7 @@ const logits = tensor("f32", [2, 4], [0.5, 2, 1, -1, 3, 3, 0, 1]);
 const topk = { op: "topk_softmax" as const, m: 2, experts: 4, topk: 2 };
 
 test("built-ins: the reference backend loads with its manifest and answers for the CPU", () => {
-  using ctx = new Context();
+  using ctx = new Context({ device: "cpu" });
   const ref = ctx.registry.backends.find((b) => b.name === "reference");
   assert.ok(ref, `reference not loaded; skipped: ${JSON.stringify(ctx.registry.skipped)}`);
   assert.equal(ref.manifest.device, "cpu");
@@ -23,7 +23,7 @@ test("a plugin dropped into MOEFFI_PLUGIN_PATH is selected by its priority and r
   const dir = await buildFixture("dropin", [`FIXTURE_NAME="dropin"`, "FIXTURE_PRIORITY=10"]);
   process.env.MOEFFI_PLUGIN_PATH = dir;
   try {
-    using ctx = new Context();
+    using ctx = new Context({ device: "cpu" });
     const verdicts = ctx.explain(topk);
     assert.equal(verdicts.find((v) => v.chosen)?.backend, "dropin");
     assert.equal(verdicts.find((v) => v.backend === "reference")?.priority, 0);
@@ -39,7 +39,7 @@ test("a plugin dropped into MOEFFI_PLUGIN_PATH is selected by its priority and r
 
 test("a lower priority plugin loses to the reference; the pluginPaths option works like the env", async () => {
   const dir = await buildFixture("low", [`FIXTURE_NAME="low"`, "FIXTURE_PRIORITY=0"]);
-  using ctx = new Context({ pluginPaths: [dir] });
+  using ctx = new Context({ device: "cpu", pluginPaths: [dir] });
   const v = ctx.explain(topk);
   assert.equal(v.find((x) => x.chosen)?.backend, "reference"); // equal priority: the first loaded wins
   assert.equal(v.find((x) => x.backend === "low")?.priority, 0);
@@ -53,7 +53,7 @@ test("bad plugins are skipped with their reason while the others keep working", 
     buildFixture("layout", [`FIXTURE_NAME="layout"`, "FIXTURE_BAD_LAYOUT"]),
     buildFixture("good", [`FIXTURE_NAME="good"`, "FIXTURE_PRIORITY=5"]),
   ]);
-  using ctx = new Context({ pluginPaths: [...dirs, "/nonexistent/moeffi-plugins"] });
+  using ctx = new Context({ device: "cpu", pluginPaths: [...dirs, "/nonexistent/moeffi-plugins"] });
   const reason = (file: string) => ctx.registry.skipped.find((s) => s.path.includes(file))?.reason ?? "(not skipped)";
   assert.match(reason("missing.so"), /moeffi_release/);
   assert.match(reason("abi.so"), /ABI version 99, core expects 1/);
@@ -71,24 +71,24 @@ test("bad plugins are skipped with their reason while the others keep working", 
 
 test("forcing a backend is strict: unknown or unsupporting names raise with reasons", async () => {
   const reject = await buildFixture("reject", [`FIXTURE_NAME="reject"`, "FIXTURE_REJECT"]);
-  using ctx = new Context({ pluginPaths: [reject] });
+  using ctx = new Context({ device: "cpu", pluginPaths: [reject] });
   await assert.rejects(topkSoftmax(logits, 2, { context: ctx, backend: "nope" }), (e: MoeffiError) =>
     e.code === "unknown_backend" && /unknown backend "nope"; loaded: reference, reject/.test(e.message));
   await assert.rejects(topkSoftmax(logits, 2, { context: ctx, backend: "reject" }), (e: MoeffiError) =>
     e.code === "backend_rejected" && /"reject" \(forced\).*fixture rejects everything/.test(e.message));
-  using forced = new Context({ pluginPaths: [reject], backend: "reference" });
+  using forced = new Context({ device: "cpu", pluginPaths: [reject], backend: "reference" });
   assert.equal(forced.explain(topk).find((v) => v.chosen)?.backend, "reference");
 });
 
 test("when nothing fits, the error lists every backend's reason", async () => {
-  using ctx = new Context({ disable: ["reference"] });
+  using ctx = new Context({ device: "cpu", disable: ["reference"] });
   await assert.rejects(topkSoftmax(logits, 2, { context: ctx }), (e: MoeffiError) =>
     e.code === "no_backend" && /no backend supports topk_softmax \(M=2 E=4 topk=2\) on cpu/.test(e.message) &&
     /reference: no, disabled by MOEFFI_DISABLE/.test(e.message));
 });
 
 test("batch invariance: only claiming backends, and dynamic per-tensor activations are refused", async () => {
-  using ctx = new Context({ batchInvariant: true });
+  using ctx = new Context({ device: "cpu", batchInvariant: true });
   const moe = { op: "fp8_moe" as const, m: 4, k: 32, n: 32, experts: 2, topk: 1, weightScale: "per-channel" as const };
   assert.equal(ctx.explain({ ...moe, actScale: "dynamic-token" }).find((v) => v.chosen)?.backend, "reference");
   const v = ctx.explain({ ...moe, actScale: "dynamic-tensor" });
@@ -96,7 +96,7 @@ test("batch invariance: only claiming backends, and dynamic per-tensor activatio
   assert.match(v.find((x) => x.backend === "reference")!.reason, /dynamic per-tensor activation scales depend on the whole batch/);
   // a backend that does not claim batch invariance for the op is refused for it
   const noClaim = await buildFixture("noclaim", [`FIXTURE_NAME="noclaim"`, "FIXTURE_NO_INVARIANCE"]);
-  using ctx2 = new Context({ batchInvariant: true, pluginPaths: [noClaim] });
+  using ctx2 = new Context({ device: "cpu", batchInvariant: true, pluginPaths: [noClaim] });
   assert.match(ctx2.explain(topk).find((x) => x.backend === "noclaim")!.reason, /does not claim batch invariance for topk_softmax/);
 });
 
@@ -106,7 +106,7 @@ test("the environment: MOEFFI_BACKEND, MOEFFI_DISABLE, MOEFFI_BATCH_INVARIANT, M
   assert.deepEqual(optionsFromEnv(() => undefined), { backend: undefined, disable: undefined, batchInvariant: false, log: false });
   process.env.MOEFFI_DISABLE = "reference";
   try {
-    using ctx = new Context();
+    using ctx = new Context({ device: "cpu" });
     assert.equal(ctx.explain(topk).find((v) => v.backend === "reference")?.reason, "disabled by MOEFFI_DISABLE");
   } finally {
     delete process.env.MOEFFI_DISABLE;
@@ -118,7 +118,7 @@ test("MOEFFI_LOG=debug logs every verdict to stderr", async () => {
   const original = console.error;
   console.error = (...a: unknown[]) => void lines.push(a.join(" "));
   try {
-    using ctx = new Context({ log: true });
+    using ctx = new Context({ device: "cpu", log: true });
     await topkSoftmax(logits, 2, { context: ctx });
   } finally {
     console.error = original;

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { ArgumentError, Context, Fp8Linear, MoeLayer, nvfp4ExpertsQuant, tensor, topkSoftmax } from "../mod.ts";
 import { moeTensors, randomMoe, Rng } from "./helpers.ts";
 
-const ctx = new Context({ backend: "reference" });
+const ctx = new Context({ device: "cpu", backend: "reference" });
 const c = randomMoe(new Rng(7), { experts: 4, topk: 2, m: 3, k: 32, n: 16, weightScale: "per-channel", actScale: "dynamic-token" });
 const t = moeTensors(c);
 const config = { hidden: 32, intermediate: 16, experts: 4, topk: 2, weightScale: "per-channel" as const, actScale: "dynamic-token" as const, context: ctx };
