@@ -120,19 +120,19 @@ export const poisonedBf16 = (shape: number[]) => tensor("bf16", shape, new Uint1
 
 /**
  * Compares a bf16 output with a float64 reference, row by row. Tolerance per element:
- *   2^-8 |ref|        the bf16 rounding of the output (half an ulp of an 8-bit significand), plus
+ *   relTol |ref|      default 2^-8: the bf16 rounding of the output (half an ulp of an 8-bit significand), plus
  *   rowTol * max|ref row|  fp32 accumulation and, for fp8_moe, the rare one-ulp fp8 flip of an
  *                          intermediate element sitting on a rounding midpoint, which moves a whole
  *                          output row by a fraction of its largest term.
  * Returns the first violation, or undefined.
  */
-export function compareBf16(got: Uint16Array, ref: Float64Array, cols: number, rowTol: number): string | undefined {
+export function compareBf16(got: Uint16Array, ref: Float64Array, cols: number, rowTol: number, relTol = 2 ** -8): string | undefined {
   for (let r = 0; r * cols < ref.length; r++) {
     let rowMax = 0;
     for (let c = 0; c < cols; c++) rowMax = Math.max(rowMax, Math.abs(ref[r * cols + c]));
     for (let c = 0; c < cols; c++) {
       const i = r * cols + c, g = bf16ToF32(got[i]), want = ref[i];
-      const tol = 2 ** -8 * Math.abs(want) + rowTol * rowMax + 1e-30;
+      const tol = relTol * Math.abs(want) + rowTol * rowMax + 1e-30;
       if (!(Math.abs(g - want) <= tol)) {
         return `[${r}, ${c}]: got ${g}, want ${want} (|diff| ${Math.abs(g - want).toExponential(3)} > tol ${tol.toExponential(3)}, row max ${rowMax.toExponential(3)})`;
       }
