@@ -42,6 +42,13 @@ enum { QBLK = 128,     /* K block of the promotion rule and of block / group sca
     return (status);                       \
   } while (0)
 
+/* Invalid data found in the tensors: also OR the bit into tensors->error_flags when one is given. */
+#define FAIL_FLAG(t, bit, ...)                        \
+  do {                                                \
+    if ((t)->error_flags) *(t)->error_flags |= (bit); \
+    FAIL(MOEFFI_INVALID, __VA_ARGS__);                \
+  } while (0)
+
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline uint64_t mul_sat(uint64_t a, uint64_t b) { return a && b > UINT64_MAX / a ? UINT64_MAX : a * b; }
@@ -241,6 +248,18 @@ static int32_t plan_workspace(const moeffi_problem *p, ws_plan *w, char *msg, ui
   return MOEFFI_OK;
 }
 
+/* The caller's workspace, checked against the plan run() will use. */
+static int32_t workspace_of(const moeffi_problem *p, const moeffi_tensors *t, ws_plan *w, char **base, char *msg,
+                            uint32_t cap) {
+  int32_t st = plan_workspace(p, w, msg, cap);
+  if (st) return st;
+  if (t->workspace_bytes < w->total || !t->workspace || (uintptr_t)t->workspace % sizeof(float))
+    FAIL(MOEFFI_INVALID, "workspace must be %llu bytes, 4-byte aligned (got %llu)", (unsigned long long)w->total,
+         (unsigned long long)t->workspace_bytes);
+  *base = t->workspace;
+  return MOEFFI_OK;
+}
+
 /* ---- quantization of activations ---- */
 
 /* Replaces each listed row of v [*, len] by its decoded fp8 quantization under scheme `act` and
@@ -258,14 +277,14 @@ static void quantize_rows(float *v, int64_t len, const int32_t *rows, int64_t nr
     for (int64_t i = 0; i < nrows; i++) amax = fmaxf(amax, scales[rows ? rows[i] : i]);
     fixed_scale = dynamic_scale(amax);
   }
-  int row_scale = act == MOEFFI_A_STATIC_TENSOR || act == MOEFFI_A_DYNAMIC_TENSOR;
+  int one_scale = act == MOEFFI_A_STATIC_TENSOR || act == MOEFFI_A_DYNAMIC_TENSOR; /* same s for all rows */
   PARALLEL_FOR
   for (int64_t i = 0; i < nrows; i++) {
     int64_t r = rows ? rows[i] : i;
     float *row = v + r * len;
     for (int64_t g = 0; g < ng; g++) {
       int64_t lo = g * width, hi = min64(lo + width, len);
-      float s = row_scale ? fixed_scale : dynamic_scale(amax_of(row + lo, hi - lo)), inv = 1.0f / s;
+      float s = one_scale ? fixed_scale : dynamic_scale(amax_of(row + lo, hi - lo)), inv = 1.0f / s;
       for (int64_t c = lo; c < hi; c++) row[c] = e4m3_table[f32_to_e4m3(row[c] * inv)];
       scales[r * ng + g] = s;
     }
@@ -391,18 +410,15 @@ static int32_t run_fp8_moe(const moeffi_problem *p, const ref_handle *h, const m
   const int32_t *ids = t->topk_ids;
   for (int64_t i = 0; i < P; i++)
     if (ids[i] < -1 || ids[i] >= E)
-      FAIL(MOEFFI_INVALID, "topk_ids[%lld, %lld] = %d is outside [-1, %lld)", (long long)(i / topk),
-           (long long)(i % topk), ids[i], (long long)E);
+      FAIL_FLAG(t, MOEFFI_ERROR_TOPK_ID, "topk_ids[%lld, %lld] = %d is outside [-1, %lld)", (long long)(i / topk),
+                (long long)(i % topk), ids[i], (long long)E);
   float a1 = 0.0f, a2 = 0.0f;
   if (p->act_scale == MOEFFI_A_STATIC_TENSOR &&
       ((st = static_scale(t->a1_scale, "a1_scale", &a1, msg, cap)) || (st = static_scale(t->a2_scale, "a2_scale", &a2, msg, cap))))
     return st;
   ws_plan w;
-  if ((st = plan_workspace(p, &w, msg, cap))) return st;
-  if (t->workspace_bytes < w.total || !t->workspace || (uintptr_t)t->workspace % sizeof(float))
-    FAIL(MOEFFI_INVALID, "workspace must be %llu bytes, 4-byte aligned (got %llu)", (unsigned long long)w.total,
-         (unsigned long long)t->workspace_bytes);
-  char *base = t->workspace;
+  char *base;
+  if ((st = workspace_of(p, t, &w, &base, msg, cap))) return st;
   float *xa = (float *)(base + w.xa), *xs = (float *)(base + w.xs), *acc = (float *)(base + w.acc);
   float *hq = (float *)(base + w.hq), *hs = (float *)(base + w.hs);
   int32_t *cursor = (int32_t *)(base + w.cursor), *offsets = (int32_t *)(base + w.offsets);
@@ -420,15 +436,12 @@ static int32_t run_fp8_moe(const moeffi_problem *p, const ref_handle *h, const m
     }
   const int64_t routed = offsets[E];
 
-  geometry g13, g2;
-  int64_t experts;
-  weight_geometry(p, &g13, &g2, &experts);
   quantize_input(p, t->x, a1, xa, xs);
 
   gemm_job job = {.w = h->w13, .ws = h->w13_scale, .wscheme = p->weight_scale, .len = K, .nkb = ceil_div(K, QBLK),
                   .a = xa, .as = xs, .a_ng = act_groups(p->act_scale, K), .list = list, .arows = tokens,
                   .out = acc, .out_stride = 2 * N, .kblocked = kblocked(p)};
-  run_gemm(&job, 2 * N, E, offsets, 2 * N * K, g13.nscales);
+  run_gemm(&job, 2 * N, E, offsets, 2 * N * K, geom(p->weight_scale, 2 * N, K).nscales);
 
   PARALLEL_FOR
   for (int64_t i = 0; i < routed; i++) {
@@ -441,7 +454,7 @@ static int32_t run_fp8_moe(const moeffi_problem *p, const ref_handle *h, const m
   gemm_job job2 = {.w = h->w2, .ws = h->w2_scale, .wscheme = p->weight_scale, .len = N, .nkb = ceil_div(N, QBLK),
                    .a = hq, .as = hs, .a_ng = act_groups(p->act_scale, N), .list = list,
                    .out = acc, .out_stride = K, .kblocked = kblocked(p)};
-  run_gemm(&job2, K, E, offsets, K * N, g2.nscales);
+  run_gemm(&job2, K, E, offsets, K * N, geom(p->weight_scale, K, N).nscales);
 
   /* Combine in slot order 0..topk-1, in fp32 from 0. */
   const float *tw = t->topk_weights;
@@ -471,11 +484,8 @@ static int32_t run_fp8_mm(const moeffi_problem *p, const ref_handle *h, const mo
   float a1 = 0.0f;
   if (p->act_scale == MOEFFI_A_STATIC_TENSOR && (st = static_scale(t->a1_scale, "a1_scale", &a1, msg, cap))) return st;
   ws_plan w;
-  if ((st = plan_workspace(p, &w, msg, cap))) return st;
-  if (t->workspace_bytes < w.total || !t->workspace || (uintptr_t)t->workspace % sizeof(float))
-    FAIL(MOEFFI_INVALID, "workspace must be %llu bytes, 4-byte aligned (got %llu)", (unsigned long long)w.total,
-         (unsigned long long)t->workspace_bytes);
-  char *base = t->workspace;
+  char *base;
+  if ((st = workspace_of(p, t, &w, &base, msg, cap))) return st;
   float *xa = (float *)(base + w.xa), *xs = (float *)(base + w.xs), *acc = (float *)(base + w.acc);
 
   quantize_input(p, t->x, a1, xa, xs);
@@ -543,12 +553,14 @@ static int32_t run_nvfp4(const moeffi_problem *p, const moeffi_tensors *t, char 
       (st = need(t->global_scale, (uint64_t)E, "global_scale", msg, cap)))
     return st;
   const int32_t *off = t->expert_offsets;
-  if (off[0] != 0) FAIL(MOEFFI_INVALID, "expert_offsets[0] = %d, must be 0", off[0]);
+  if (off[0] != 0) FAIL_FLAG(t, MOEFFI_ERROR_EXPERT_OFFSETS, "expert_offsets[0] = %d, must be 0", off[0]);
   for (int64_t e = 0; e < E; e++)
     if (off[e + 1] < off[e])
-      FAIL(MOEFFI_INVALID, "expert_offsets[%lld] = %d is below expert_offsets[%lld] = %d", (long long)(e + 1),
-           off[e + 1], (long long)e, off[e]);
-  if (off[E] != M) FAIL(MOEFFI_INVALID, "expert_offsets[%lld] = %d, must equal m = %lld", (long long)E, off[E], (long long)M);
+      FAIL_FLAG(t, MOEFFI_ERROR_EXPERT_OFFSETS, "expert_offsets[%lld] = %d is below expert_offsets[%lld] = %d",
+                (long long)(e + 1), off[e + 1], (long long)e, off[e]);
+  if (off[E] != M)
+    FAIL_FLAG(t, MOEFFI_ERROR_EXPERT_OFFSETS, "expert_offsets[%lld] = %d, must equal m = %lld", (long long)E, off[E],
+              (long long)M);
 
   const uint16_t *x = t->x;
   const float *gscale = t->global_scale;
