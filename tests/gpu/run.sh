@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything the GPU machine should do in one call, from the project root with the runtimes on PATH
+# (bash .gpu/run bash tests/gpu/run.sh [suite] [sanitize] [bench] [bun]). Logs go to $OUT (or ./gpu-logs).
+set -uo pipefail
+out=${OUT:-gpu-logs}; mkdir -p "$out"
+steps=${*:-suite sanitize bench}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+status=0
+for step in $steps; do
+  echo "=== $step"
+  case $step in
+    suite) # the whole GPU suite under Deno
+      deno test -A tests/gpu/backends.gpu.ts 2>&1 | tee "$out/suite.log" | grep -vE '^\s+at ' | tail -40 || status=1 ;;
+    sanitize) # a few problems of every test under memcheck and racecheck
+      for tool in memcheck racecheck; do
+        MOEFFI_GPU_PROBLEMS=0.05 compute-sanitizer --tool $tool --error-exitcode 9 --target-processes all \
+          deno test -A tests/gpu/backends.gpu.ts > "$out/$tool.log" 2>&1
+        rc=$?; echo "$tool: exit $rc, $(grep -c '========= ' "$out/$tool.log") sanitizer lines"; tail -3 "$out/$tool.log"
+        [ $rc -eq 0 ] || status=1
+      done ;;
+    bench) # ceilings and the PyTorch peer, then moeffi, in the same run
+      python3 bench/peers/torch_moe.py --out "$out/peer.json" 2> "$out/peer.log" || { status=1; tail -20 "$out/peer.log"; }
+      MOEFFI_BENCH_PEER="$out/peer.json" deno run -A bench/gpu.ts > "$out/bench.log" 2>&1 || status=1
+      tail -40 "$out/bench.log"; cp bench/results/*.json bench/results/*.md bench/results/*.svg "$out/" 2>/dev/null ;;
+    bun) # the Bun path on the GPU: a smoke run of the same suite
+      MOEFFI_GPU_PROBLEMS=0.1 bun test --timeout 600000 ./tests/gpu/backends.gpu.ts 2>&1 | tee "$out/bun.log" | tail -25 || status=1 ;;
+  esac
+done
+exit $status
