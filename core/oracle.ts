@@ -1,7 +1,7 @@
 // The selection oracle: for one problem, ask every backend (the core's own rules first, then the
 // plugin's supported() in C) and take the highest priority. A forced backend is strict: it runs or
 // raises with its reason, never a silent fallback. When nothing fits, the error lists every reason.
-import type { Problem } from "../ffi/abi.ts";
+import { FLAG_BATCH_INVARIANT, type Problem } from "../ffi/abi.ts";
 import type { Backend, Registry } from "../ffi/plugins.ts";
 import { runtime } from "../ffi/runtime.ts";
 import { MoeffiError } from "./errors.ts";
@@ -52,7 +52,7 @@ function judge(b: Backend, p: Problem, o: SelectOptions): { priority: number | n
 
 /** Every backend's verdict on the problem, in registry order; skipped libraries appear as rejected. */
 export function explain(registry: Registry, problem: Problem, options: SelectOptions = {}): Verdict[] {
-  const p = options.batchInvariant ? { ...problem, flags: problem.flags | 1 } : problem;
+  const p = options.batchInvariant ? { ...problem, flags: problem.flags | FLAG_BATCH_INVARIANT } : problem;
   const verdicts = registry.backends.map((b) => ({ backend: b.name, ...judge(b, p, options), chosen: false }));
   const candidates = verdicts.filter((v) => v.priority !== null && (!options.backend || v.backend === options.backend));
   const best = candidates.reduce<Verdict | undefined>((a, v) => (!a || v.priority! > a.priority! ? v : a), undefined);
@@ -97,5 +97,5 @@ export function describeProblem(p: Problem): string {
     : p.op === "topk_softmax"
     ? `M=${p.m} E=${p.experts} topk=${p.topk}`
     : `M=${p.m} K=${p.k} E=${p.experts}`;
-  return `${p.op} (${dims}) on ${p.device === "cpu" ? "cpu" : `cuda:${p.deviceIndex}`}${p.flags & 1 ? ", batch invariant" : ""}`;
+  return `${p.op} (${dims}) on ${p.device === "cpu" ? "cpu" : `cuda:${p.deviceIndex}`}${p.flags & FLAG_BATCH_INVARIANT ? ", batch invariant" : ""}`;
 }
