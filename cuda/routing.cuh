@@ -1,0 +1,133 @@
+// routing.cuh: the expert-grouped layout of the (token, slot) pairs of fp8_moe (moe.md section 3),
+// built on the device without any host synchronization (the forward stays CUDA-graph capturable).
+// The order is stable and deterministic: expert e owns gathered rows [offsets[e], offsets[e+1]),
+// holding its pairs sorted by pair index t * topk + j, whatever the thread scheduling. Integer
+// atomics only count; they never decide an order.
+//
+// Buffers (int32): hist [route_chunks(pairs), E], offsets [E+1], perm [pairs] (gathered row ->
+// pair), inv [pairs] (pair -> gathered row, -1 for an empty or invalid slot).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "moeffi.h"
+#include "numerics.cuh"
+
+namespace moeffi {
+
+constexpr int ROUTE_CHUNK = 1024; // pairs per histogram / scatter block
+constexpr int SCAN_THREADS = 1024;
+
+inline int route_chunks(int64_t pairs) { return (int)((pairs + ROUTE_CHUNK - 1) / ROUTE_CHUNK); }
+
+// Exclusive prefix sum of one value per thread of a 1-D block; smem holds blockDim.x values.
+template <class T> __device__ T block_exclusive_scan(T v, T *smem) {
+  const int t = threadIdx.x;
+  smem[t] = v;
+  __syncthreads();
+  for (int o = 1; o < (int)blockDim.x; o <<= 1) {
+    const T add = t >= o ? smem[t - o] : T(0);
+    __syncthreads();
+    smem[t] += add;
+    __syncthreads();
+  }
+  return smem[t] - v;
+}
+
+// Block c: hist[c, e] = pairs of chunk c routed to expert e. An id outside [-1, E) counts nowhere
+// and raises MOEFFI_ERROR_TOPK_ID.
+static __global__ void __launch_bounds__(256)
+    route_histogram_kernel(const int32_t *ids, int pairs, int E, int *hist, uint32_t *error_flags) {
+  int *h = hist + (int64_t)blockIdx.x * E;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) h[e] = 0;
+  __syncthreads();
+  const int64_t begin = (int64_t)blockIdx.x * ROUTE_CHUNK, end = min((int64_t)pairs, begin + ROUTE_CHUNK);
+  bool bad = false;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const int e = ids[i];
+    if (e >= 0 && e < E) atomicAdd(&h[e], 1);
+    else bad |= e != -1;
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0 && error_flags) atomicOr(error_flags, MOEFFI_ERROR_TOPK_ID);
+}
+
+// One block of SCAN_THREADS: hist[c, e] becomes the first gathered row of chunk c's pairs of expert
+// e, offsets[e] the expert's first row and offsets[E] the count of routed pairs. Each thread owns a
+// contiguous run of experts, so the block scan of the per-thread totals orders them.
+static __global__ void __launch_bounds__(SCAN_THREADS) route_scan_kernel(int *hist, int chunks, int E, int *offsets) {
+  __shared__ int smem[SCAN_THREADS];
+  const int seg = (E + SCAN_THREADS - 1) / SCAN_THREADS;
+  const int lo = (int)min((int64_t)E, (int64_t)threadIdx.x * seg), hi = min(E, lo + seg);
+  int total = 0;
+  for (int e = lo; e < hi; e++) {
+    int run = 0;
+    for (int c = 0; c < chunks; c++) {
+      int *h = hist + (int64_t)c * E + e;
+      const int n = *h;
+      *h = run;
+      run += n;
+    }
+    offsets[e] = run; // the expert's count until the scan below
+    total += run;
+  }
+  int base = block_exclusive_scan(total, smem);
+  for (int e = lo; e < hi; e++) {
+    const int n = offsets[e];
+    offsets[e] = base;
+    for (int c = 0; c < chunks; c++) hist[(int64_t)c * E + e] += base;
+    base += n;
+  }
+  if (threadIdx.x == SCAN_THREADS - 1) offsets[E] = base;
+}
+
+// One warp per chunk, walking it 32 pairs at a time in order; lanes of one expert take consecutive
+// rows in lane order (__match_any_sync), and hist[c, :] serves as the chunk's per-expert cursor.
+static __global__ void __launch_bounds__(32)
+    route_scatter_kernel(const int32_t *ids, int pairs, int E, int *hist, int *perm, int *inv) {
+  int *cursor = hist + (int64_t)blockIdx.x * E;
+  const int lane = threadIdx.x;
+  const int64_t begin = (int64_t)blockIdx.x * ROUTE_CHUNK, end = min((int64_t)pairs, begin + ROUTE_CHUNK);
+  for (int64_t i0 = begin; i0 < end; i0 += 32) {
+    const int64_t i = i0 + lane;
+    const int e = i < end ? ids[i] : -1;
+    const bool routed = e >= 0 && e < E;
+    const unsigned same = __match_any_sync(0xFFFFFFFFu, routed ? e : -1);
+    const int rank = __popc(same & ((1u << lane) - 1u));
+    int row = -1;
+    if (routed) {
+      row = cursor[e] + rank;
+      perm[row] = (int)i;
+    }
+    __syncwarp(); // every lane has read its cursor before the first lane of each expert moves it
+    if (routed && rank == 0) cursor[e] += __popc(same);
+    __syncwarp();
+    if (i < end) inv[i] = row;
+  }
+}
+
+// Enqueues the three routing kernels for `pairs` > 0 (token, slot) ids on stream s; launch errors
+// are left for the caller's cudaGetLastError.
+inline void launch_routing(const int32_t *ids, int pairs, int E, int *hist, int *offsets, int *perm, int *inv,
+                                  uint32_t *error_flags, cudaStream_t s) {
+  const int chunks = route_chunks(pairs);
+  route_histogram_kernel<<<chunks, 256, 0, s>>>(ids, pairs, E, hist, error_flags);
+  route_scan_kernel<<<1, SCAN_THREADS, 0, s>>>(hist, chunks, E, offsets);
+  route_scatter_kernel<<<chunks, 32, 0, s>>>(ids, pairs, E, hist, perm, inv);
+}
+
+// out[t, c] = bf16(sum over j = 0..topk-1 in order of w[t, j] * y[inv[t, j], c]), in fp32 from 0;
+// a slot with inv -1 contributes nothing. One thread per output element, no atomics.
+static __global__ void __launch_bounds__(256) combine_kernel(const float *y, const int *inv, const float *w,
+                                                             int64_t tokens, int topk, int64_t K, uint16_t *out) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < tokens * K; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t t = i / K, c = i % K;
+    float sum = 0.0f;
+    for (int j = 0; j < topk; j++) {
+      const int row = inv[t * topk + j];
+      if (row >= 0) sum = add_rn(sum, mul_rn(w[t * topk + j], y[(int64_t)row * K + c]));
+    }
+    out[i] = f32_to_bf16(sum);
+  }
+}
+
+} // namespace moeffi
