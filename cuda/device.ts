@@ -6,7 +6,7 @@ import { ERROR_FLAGS } from "../ffi/abi.ts";
 import { runtime } from "../ffi/runtime.ts";
 import {
   CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, CU_MEMHOSTALLOC_DEVICEMAP,
-  CU_STREAM_NON_BLOCKING, CUDA_ERROR_NOT_READY, cudaDriver, type Driver, errorString,
+  CU_STREAM_CAPTURE_MODE_RELAXED, CU_STREAM_NON_BLOCKING, CUDA_ERROR_NOT_READY, cudaDriver, type Driver, errorString,
 } from "./driver.ts";
 
 export const BYTES: Record<DType, number> = { bf16: 2, f32: 4, i32: 4, fp8_e4m3: 1, u8: 1 };
@@ -106,12 +106,17 @@ export class CudaDevice {
   /** Copies a host tensor to the device (ordered on the stream). */
   upload<D extends DType>(t: Tensor<D>): DeviceTensor<D> {
     const dt = this.empty(t.dtype, t.shape);
-    if (dt.bytes > 0) {
-      const src = new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
-      this.check(this.#driver.cuMemcpyHtoDAsync_v2(dt.address(), src, BigInt(dt.bytes), this.stream), "cuMemcpyHtoDAsync");
-      // pageable source: the driver has staged the bytes before returning, so `src` may go away
-    }
+    this.write(dt, t);
     return dt;
+  }
+
+  /** Overwrites a device tensor with a host tensor of the same size (ordered on the stream). */
+  write<D extends DType>(dst: DeviceTensor<D>, src: Tensor<D>): void {
+    if (src.data.byteLength !== dst.bytes) throw new MoeffiError("invalid_argument", `write: ${src.data.byteLength} bytes into a ${dst.bytes}-byte tensor`);
+    if (dst.bytes === 0) return;
+    const bytes = new Uint8Array(src.data.buffer, src.data.byteOffset, src.data.byteLength);
+    this.check(this.#driver.cuMemcpyHtoDAsync_v2(dst.address(), bytes, BigInt(dst.bytes), this.stream), "cuMemcpyHtoDAsync");
+    // pageable source: the driver has staged the bytes before returning, so `src` may go away
   }
 
   /** Sets every byte of a device tensor (ordered on the stream). */
@@ -149,6 +154,27 @@ export class CudaDevice {
       const what = Object.entries(ERROR_FLAGS).filter(([bit]) => flags & Number(bit)).map(([, text]) => text);
       throw new MoeffiError("device_error", `cuda:${this.ordinal}: a kernel found invalid device data: ${what.join("; ")}`);
     }
+  }
+
+  /**
+   * Captures the device work `fn` enqueues on the stream into a CUDA graph (proof that it needs no
+   * host synchronization) and returns a replayable launcher.
+   */
+  async capture(fn: () => Promise<unknown>): Promise<{ launch(): void } & Disposable> {
+    const d = this.#driver, out = new BigUint64Array(1);
+    this.check(d.cuStreamBeginCapture_v2(this.stream, CU_STREAM_CAPTURE_MODE_RELAXED), "cuStreamBeginCapture");
+    try {
+      await fn();
+    } finally {
+      this.check(d.cuStreamEndCapture(this.stream, out), "cuStreamEndCapture");
+    }
+    const graph = out[0];
+    this.check(d.cuGraphInstantiateWithFlags(out, graph, 0n), "cuGraphInstantiate");
+    const exec = out[0];
+    return {
+      launch: () => this.check(d.cuGraphLaunch(exec, this.stream), "cuGraphLaunch"),
+      [Symbol.dispose]: () => void (d.cuGraphExecDestroy(exec), d.cuGraphDestroy(graph)),
+    };
   }
 
   /** Device time of `fn`'s enqueued work in milliseconds, with CUDA events on the stream. */

@@ -27,6 +27,12 @@ const SYMBOLS = {
   cuEventElapsedTime: { parameters: ["buffer", "u64", "u64"], result: "i32" },
   cuEventDestroy_v2: { parameters: ["u64"], result: "i32" },
   cuGetErrorString: { parameters: ["i32", "buffer"], result: "i32" },
+  cuStreamBeginCapture_v2: { parameters: ["u64", "u32"], result: "i32" },
+  cuStreamEndCapture: { parameters: ["u64", "buffer"], result: "i32" },
+  cuGraphInstantiateWithFlags: { parameters: ["buffer", "u64", "u64"], result: "i32" },
+  cuGraphLaunch: { parameters: ["u64", "u64"], result: "i32" },
+  cuGraphExecDestroy: { parameters: ["u64"], result: "i32" },
+  cuGraphDestroy: { parameters: ["u64"], result: "i32" },
 } as const;
 
 export const CUDA_ERROR_NOT_READY = 600;
@@ -34,6 +40,7 @@ export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
 export const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 export const CU_MEMHOSTALLOC_DEVICEMAP = 2;
 export const CU_STREAM_NON_BLOCKING = 1;
+export const CU_STREAM_CAPTURE_MODE_RELAXED = 2;
 
 const open = () => runtime.open("libcuda.so.1", SYMBOLS);
 export type Driver = ReturnType<typeof open>["symbols"];

@@ -158,12 +158,12 @@ export function firstDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
 export const roundBf16 = (v: Float64Array) => Float64Array.from(v, (x) => bf16ToF32(f32ToBf16(x)));
 
 let fixtureRoot: string | undefined;
-/** Builds tests/fixtures/plugin.c with the given defines into a fresh folder of its own. */
-export async function buildFixture(file: string, defines: string[]): Promise<string> {
+/** Builds a fixture plugin (tests/fixtures/plugin.c by default) into a fresh folder of its own. */
+export async function buildFixture(file: string, defines: string[], source = "plugin.c", flags: string[] = []): Promise<string> {
   fixtureRoot ??= mkdtempSync(join(tmpdir(), "moeffi-fixtures-"));
   const dir = join(fixtureRoot, file.replace(/\W/g, "_"));
   mkdirSync(dir, { recursive: true });
   const out = join(dir, `${file}.so`);
-  await compileShared(file, [join(ROOT, "tests", "fixtures", "plugin.c")], out, defines.map((d) => `-D${d}`));
+  await compileShared(file, [join(ROOT, "tests", "fixtures", source)], out, [...defines.map((d) => `-D${d}`), ...flags]);
   return dir;
 }

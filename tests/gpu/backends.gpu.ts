@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { Context, type DeviceTensor, Fp8Linear, MoeLayer, nvfp4ExpertsQuant, nvfp4ScaleRows, tensor, toBf16, topkSoftmax } from "../../mod.ts";
 import { ACT_SCALES, WEIGHT_SCALES } from "../../ffi/abi.ts";
 import { weightScaleShape } from "../../core/validate.ts";
-import { compareBf16, dim16, firstDiff, fp8Weights, type MoeCase, moeTensors, poisonedBf16, randomMoe, relativeL2, Rng, seed } from "../helpers.ts";
+import { buildFixture, compareBf16, dim16, firstDiff, fp8Weights, type MoeCase, moeTensors, poisonedBf16, randomMoe, relativeL2, Rng, seed } from "../helpers.ts";
 
 const SEED = seed();
 const SCALE = Number(process.env.MOEFFI_GPU_PROBLEMS ?? 1);
@@ -164,6 +164,77 @@ for (const backend of BACKENDS) {
       c.x.set(base.x, (m - 1) * 256), c.topkIds.set(base.topkIds, (m - 1) * 4), c.topkWeights.set(base.topkWeights, (m - 1) * 4);
       const out = await moeOn(gpu, backend, c, true);
       assert.equal(firstDiff(out.data.slice((m - 1) * 256), alone.data), -1, `batch ${m}`);
+    }
+  });
+}
+
+test("libraries with a static and a shared CUDA runtime share the core's pointers and stream", async () => {
+  // cudafix (shared cudart) routes on the device; the fallback (static cudart) consumes its ids with
+  // no synchronization in between; the result matches the CPU reference on the same routing.
+  const dir = await buildFixture("cudafix", [], "cuda_plugin.cu", ["-cudart", "shared", "-Xlinker", "-rpath,/usr/local/cuda/lib64"]);
+  using ctx = new Context({ device: "cuda:0", pluginPaths: [dir] });
+  assert.deepEqual(ctx.registry.skipped, []);
+  const r = new Rng(SEED + 6);
+  const c = randomMoe(r, { experts: 32, topk: 4, m: 65, k: 256, n: 128, weightScale: "per-channel", actScale: "dynamic-token" });
+  const logits = tensor("f32", [c.m, c.experts], r.values(c.m * c.experts));
+  const routed = await topkSoftmax(ctx.upload(logits), c.topk, { context: ctx });
+  assert.equal(ctx.explain({ op: "topk_softmax", m: c.m, experts: c.experts, topk: c.topk }).find((v) => v.chosen)?.backend, "cudafix");
+  const t = moeTensors(c);
+  using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale, context: ctx, backend: "fallback" })
+    .load(Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, ctx.upload(v)])) as never);
+  const y = await layer.forward(ctx.upload(t.x), routed.ids, routed.weights);
+  const ids = await (routed.ids as DeviceTensor<"i32">).download(), weights = await (routed.weights as DeviceTensor<"f32">).download();
+  assert.ok(weights.data.every((w) => w === 0.25), "the weights carry the fixture's mark");
+  const want = await moeOn(cpu, "reference", { ...c, topkIds: ids.data, topkWeights: weights.data }, true);
+  assert.equal(compare((await (y as DeviceTensor<"bf16">).download()).data, want, c.k), undefined);
+});
+
+for (const backend of BACKENDS) {
+  test(`${backend} fp8_moe: a whole forward captures into a CUDA graph (no host sync) and replays on new data`, async () => {
+    const r = new Rng(SEED + 7);
+    const c = randomMoe(r, { experts: 60, topk: 4, m: 40, k: 128, n: 96, weightScale: "block-128", actScale: "dynamic-group-128" });
+    const t = moeTensors(c);
+    using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale, context: gpu, backend })
+      .load(Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, gpu.upload(v)])) as never);
+    const x = gpu.cuda!.upload(t.x), ids = gpu.cuda!.upload(t.topkIds), w = gpu.cuda!.upload(t.topkWeights), out = gpu.cuda!.empty("bf16", [c.m, c.k]);
+    await layer.forward(x, ids, w, { out }); // sizes the workspace outside the capture
+    await gpu.synchronize();
+    using graph = await gpu.cuda!.capture(() => layer.forward(x, ids, w, { out }));
+    for (let replay = 0; replay < 2; replay++) {
+      const next = {
+        ...c, x: toBf16(r.values(c.m * c.k)), topkWeights: Float32Array.from({ length: c.m * c.topk }, () => r.next()),
+        topkIds: Int32Array.from({ length: c.m * c.topk }, () => r.int(-1, c.experts - 1)),
+      };
+      const nt = moeTensors(next);
+      gpu.cuda!.write(x, nt.x), gpu.cuda!.write(ids, nt.topkIds), gpu.cuda!.write(w, nt.topkWeights);
+      gpu.cuda!.write(out, poisonedBf16([c.m, c.k]));
+      graph.launch();
+      const want = await moeOn(cpu, "reference", next, true);
+      assert.equal(compare((await out.download()).data, want, c.k), undefined, `replay ${replay}`);
+    }
+  });
+
+  test(`${backend} fp8_moe: the workspace query is exact (a canary past it survives, one byte less is refused) and bounded`, async () => {
+    const b = gpu.registry.backends.find((x) => x.name === backend)!, cuda = gpu.cuda!;
+    const r = new Rng(SEED + 8);
+    for (const actScale of ["dynamic-token", "dynamic-tensor"] as const) {
+      const c = randomMoe(r, { experts: 24, topk: 6, m: 300, k: 192, n: 160, weightScale: "per-channel", actScale });
+      const p = gpu.problem({ op: "fp8_moe", m: c.m, n: c.n, k: c.k, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale });
+      const t = moeTensors(c), w = Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, cuda.upload(v)]));
+      const handle = b.prepare(p, { w13: w.w13.address(), w13Scale: w.w13Scale.address(), w2: w.w2.address(), w2Scale: w.w2Scale.address() });
+      const bytes = b.workspaceSize(p), ws = cuda.empty("u8", [bytes + 4096]);
+      cuda.fill(ws, 0xa5);
+      const x = cuda.upload(t.x), ids = cuda.upload(t.topkIds), tw = cuda.upload(t.topkWeights), out = cuda.empty("bf16", [c.m, c.k]);
+      const slots = { x: x.address(), topkIds: ids.address(), topkWeights: tw.address(), out: out.address(), workspace: ws.address(), stream: cuda.stream, errorFlags: cuda.errorFlags };
+      await b.run(p, handle, { ...slots, workspaceBytes: BigInt(bytes) }, []);
+      const tail = (await ws.download()).data.subarray(bytes);
+      assert.ok(tail.every((v) => v === 0xa5), `${actScale}: the run wrote past its ${bytes}-byte workspace`);
+      assert.equal(compare((await out.download()).data, await moeOn(cpu, "reference", c, true), c.k), undefined);
+      if (bytes > 0) await assert.rejects(b.run(p, handle, { ...slots, workspaceBytes: BigInt(bytes - 1) }, []), /invalid/);
+      b.release(handle);
+      for (const d of [...Object.values(w), ws, x, ids, tw, out]) d[Symbol.dispose]();
+      // chunked above a bound: the workspace stops growing with M
+      if (actScale === "dynamic-token") assert.equal(b.workspaceSize({ ...p, m: 100_000 }), b.workspaceSize({ ...p, m: 200_000 }));
     }
   });
 }
