@@ -4,10 +4,11 @@
 // Writes bench/results/<gpu>.json, .md and .svg.
 //
 //   MOEFFI_BENCH_PEER=peer.json deno run -A bench/gpu.ts      MOEFFI_BENCH_PRESETS=a,b  MOEFFI_BENCH_M=1,16
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { Context, type DeviceTensor, MoeLayer, tensor, toBf16, topkSoftmax } from "../mod.ts";
 import type { ActScale, WeightScale } from "../ffi/abi.ts";
 import { weightScaleShape } from "../core/validate.ts";
+import { type Peer, type Report, type Row, writeReport } from "./report.ts";
 
 export const PRESETS: Record<string, { k: number; n: number; experts: number; topk: number }> = {
   "mixtral-8x7b": { k: 4096, n: 14336, experts: 8, topk: 2 },
@@ -21,11 +22,6 @@ const ms = env("MOEFFI_BENCH_M", "1,16,128,1024,4096").split(",").map(Number);
 const REPS = Number(env("MOEFFI_BENCH_REPS", "20")), WARMUP = 3, SETS = 3;
 const SCHEME: [WeightScale, ActScale] = ["per-channel", "dynamic-token"]; // the peer's recipe
 
-interface Peer {
-  gpu: string;
-  ceilings: { copy_tb_s: number; fp8_gemm_tflops_rowwise: number; fp8_gemm_tflops_per_tensor: number };
-  peer: { preset: string; m: number; eager_us: number; graph_us: number | null; error?: string }[];
-}
 const peer: Peer | undefined = process.env.MOEFFI_BENCH_PEER ? JSON.parse(readFileSync(process.env.MOEFFI_BENCH_PEER, "utf8")) : undefined;
 
 const ctx = new Context({ device: "cuda:0" });
@@ -45,10 +41,6 @@ function fp8Codes(n: number): Uint8Array { // |w| <= 240, no NaN codes; never ze
 const uniform = (n: number, amp: number) => Float32Array.from({ length: n }, () => (next() / 2 ** 32 - 0.5) * amp);
 const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
 
-interface Row {
-  preset: string; m: number; backend: string; us: number; spread: number; tflops: number; tbs: number;
-  floor_us?: number; of_floor?: number; peer_us?: number; vs_peer?: number;
-}
 const rows: Row[] = [];
 
 for (const name of presets) {
@@ -102,41 +94,5 @@ for (const name of presets) {
 // ---- report ----
 const gpu = cuda.name;
 const slug = gpu.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
-const base = new URL(`./results/${slug}`, import.meta.url).pathname;
-const report = { date: new Date().toISOString(), gpu, capability: cuda.capability, scheme: SCHEME, reps: REPS, ceilings: peer?.ceilings, peer: peer?.peer, rows };
-writeFileSync(`${base}.json`, JSON.stringify(report, null, 2) + "\n");
-
-const md = [
-  `# moeffi on ${gpu} (${report.date.slice(0, 10)})`, "",
-  peer ? `Ceilings in the same run: copy ${peer.ceilings.copy_tb_s.toFixed(2)} TB/s, cuBLAS FP8 8192^3 ${peer.ceilings.fp8_gemm_tflops_rowwise.toFixed(0)} TFLOP/s (row-wise scales), ${peer.ceilings.fp8_gemm_tflops_per_tensor.toFixed(0)} (per-tensor).` : "No peer/ceiling file was given.",
-  `Scheme ${SCHEME.join(" weights, ")} activations. Time = median device time of one whole forward (CUDA events, ${REPS} reps, ${SETS} input sets). TB/s counts the touched experts' fp8 weight bytes once; floor = max(FLOPs / FP8 GEMM rate, bytes / copy bandwidth).`, "",
-  "| preset | M | backend | time (us) | TFLOP/s | TB/s | floor (us) | floor / time | peer (us) | peer / time |",
-  "|---|---|---|---|---|---|---|---|---|---|",
-  ...rows.map((r) => `| ${r.preset} | ${r.m} | ${r.backend} | ${r.us} | ${r.tflops} | ${r.tbs} | ${r.floor_us ?? "-"} | ${r.of_floor ?? "-"} | ${r.peer_us ?? "-"} | ${r.vs_peer ?? "-"} |`),
-].join("\n");
-writeFileSync(`${base}.md`, md + "\n");
-
-// A log-log chart of time against M, one panel per preset, one line per backend plus the peer.
-const W = 320, H = 220, PAD = 40;
-const panels = presets.map((name, pi) => {
-  const series: Record<string, [number, number][]> = {};
-  for (const r of rows.filter((r) => r.preset === name)) (series[r.backend] ??= []).push([r.m, r.us]);
-  for (const p of peer?.peer.filter((p) => p.preset === name && !p.error) ?? []) (series["pytorch"] ??= []).push([p.m, p.graph_us ?? p.eager_us]);
-  const all = Object.values(series).flat();
-  if (all.length === 0) return "";
-  const lx = (v: number) => Math.log10(v), [x0, x1] = [lx(Math.min(...ms)), lx(Math.max(...ms)) || 1];
-  const [y0, y1] = [Math.floor(lx(Math.min(...all.map((a) => a[1])))), Math.ceil(lx(Math.max(...all.map((a) => a[1]))))];
-  const px = (m: number) => PAD + ((lx(m) - x0) / (x1 - x0 || 1)) * (W - 2 * PAD), py = (t: number) => H - PAD - ((lx(t) - y0) / (y1 - y0 || 1)) * (H - 2 * PAD);
-  const colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"];
-  const lines = Object.entries(series).map(([b, pts], i) =>
-    `<polyline fill="none" stroke="${colors[i % colors.length]}" stroke-width="2" points="${pts.map(([m, t]) => `${px(m).toFixed(1)},${py(t).toFixed(1)}`).join(" ")}"/>` +
-    `<text x="${W - PAD}" y="${14 + 12 * i}" font-size="10" text-anchor="end" fill="${colors[i % colors.length]}">${b}</text>`
-  ).join("");
-  const ticks = ms.map((m) => `<text x="${px(m)}" y="${H - PAD + 14}" font-size="9" text-anchor="middle">${m}</text>`).join("") +
-    Array.from({ length: y1 - y0 + 1 }, (_, i) => `<text x="${PAD - 4}" y="${py(10 ** (y0 + i)) + 3}" font-size="9" text-anchor="end">${10 ** (y0 + i)}</text>`).join("");
-  return `<g transform="translate(${(pi % 2) * W},${Math.floor(pi / 2) * H})"><rect x="${PAD}" y="${PAD / 2}" width="${W - 2 * PAD}" height="${H - 1.5 * PAD}" fill="none" stroke="#ccc"/>` +
-    `<text x="${PAD}" y="14" font-size="11" font-weight="bold">${name} (time us vs M)</text>${ticks}${lines}</g>`;
-});
-const rowsOfPanels = Math.ceil(presets.length / 2);
-writeFileSync(`${base}.svg`, `<svg xmlns="http://www.w3.org/2000/svg" width="${2 * W}" height="${rowsOfPanels * H}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>${panels.join("")}</svg>\n`);
-console.log(md);
+const report: Report = { date: new Date().toISOString(), gpu, capability: cuda.capability, scheme: SCHEME, reps: REPS, sets: SETS, ceilings: peer?.ceilings, peer: peer?.peer, rows };
+console.log(writeReport(report, new URL(`./results/${slug}`, import.meta.url).pathname));
