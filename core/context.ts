@@ -9,6 +9,7 @@ import { type Device, type DType, type Tensor, tensor, type TensorLike } from ".
 import { CudaDevice, type DeviceTensor } from "../cuda/device.ts";
 import { cudaDriver } from "../cuda/driver.ts";
 
+/** Options of a Context; each overrides the matching environment variable. */
 export interface ContextOptions extends SelectOptions {
   /** Extra plugin folders, searched after MOEFFI_PLUGIN_PATH (colon-separated). */
   pluginPaths?: readonly string[];
@@ -19,14 +20,22 @@ export interface ContextOptions extends SelectOptions {
 /** Problem fields an op fills in; the context adds device and flags. */
 export type ProblemSpec = Pick<Problem, "op"> & Partial<Omit<Problem, "op" | "device" | "deviceIndex">>;
 
+/**
+ * Loaded backends, selection options and a device: what every op runs through. Most programs use
+ * the shared `defaultContext()`; tests and multi-device programs make their own.
+ */
 export class Context implements Disposable {
+  /** The backends that loaded, and the libraries skipped with their reasons. */
   readonly registry: Registry;
+  /** Selection options after the environment was applied. */
   readonly options: SelectOptions;
+  /** Where this context's tensors live. */
   readonly device: Device;
   /** The CUDA device when `device` is one. */
   readonly cuda?: CudaDevice;
   #workspace?: DeviceTensor<"u8">;
 
+  /** Loads the built-in backends and the plugin folders, and opens the device. */
   constructor(options: ContextOptions = {}) {
     const env = optionsFromEnv();
     this.options = {

@@ -34,12 +34,14 @@ export function f32ToBf16(x: number): number {
   return ((bits + 0x7fff + lsb) >>> 16) & 0xffff;
 }
 
+/** fp32 values to bf16 bits, rounding to nearest even. */
 export function toBf16(a: ArrayLike<number>): Uint16Array {
   const out = new Uint16Array(a.length);
   for (let i = 0; i < a.length; i++) out[i] = f32ToBf16(a[i]);
   return out;
 }
 
+/** bf16 bits to fp32 values (exact). */
 export function fromBf16(a: Uint16Array): Float32Array {
   const out = new Float32Array(a.length);
   for (let i = 0; i < a.length; i++) out[i] = bf16ToF32(a[i]);
@@ -48,9 +50,10 @@ export function fromBf16(a: Uint16Array): Float32Array {
 
 // ---- fp8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa; max 448; NaN 0x7F/0xFF; no infinities ----
 
+/** Largest finite e4m3fn value. */
 export const E4M3_MAX = 448;
 /** Smallest dynamic scale, 1/(448*512), as an fp32 value. */
-export const FP8_MIN_SCALE = Math.fround(1 / (448 * 512));
+export const FP8_MIN_SCALE: number = Math.fround(1 / (448 * 512));
 
 // Decode table: code -> fp32 value.
 const E4M3_TABLE = new Float32Array(256);
@@ -87,12 +90,14 @@ export function decodeE4m3(b: number): number {
   return E4M3_TABLE[b & 0xff];
 }
 
+/** fp32 values to e4m3fn codes (round to nearest even, saturating). */
 export function toE4m3(a: ArrayLike<number>): Uint8Array {
   const out = new Uint8Array(a.length);
   for (let i = 0; i < a.length; i++) out[i] = encodeE4m3(a[i]);
   return out;
 }
 
+/** e4m3fn codes to fp32 values (exact; 0x7F/0xFF are NaN). */
 export function fromE4m3(a: Uint8Array): Float32Array {
   const out = new Float32Array(a.length);
   for (let i = 0; i < a.length; i++) out[i] = E4M3_TABLE[a[i]];
@@ -106,6 +111,7 @@ export function dynamicScale(amax: number): number {
 
 // ---- fp4 e2m1: magnitudes [0, 0.5, 1, 1.5, 2, 3, 4, 6] are codes 0..7, sign bit 0x8 ----
 
+/** Largest e2m1 (fp4) magnitude. */
 export const E2M1_MAX = 6;
 const E2M1_VALUES = [0, 0.5, 1, 1.5, 2, 3, 4, 6];
 

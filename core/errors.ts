@@ -1,6 +1,7 @@
 // Typed errors. Every failure a caller can act on carries a code; bad arguments also name the
 // argument, the shape it had and what was expected.
 
+/** What went wrong, for code that handles errors by kind. */
 export type ErrorCode =
   | "invalid_argument" // a tensor or option is malformed (ArgumentError)
   | "no_backend" //       no loaded backend supports the problem; the message lists every reason
@@ -10,15 +11,29 @@ export type ErrorCode =
   | "device_error" //     a CUDA call failed, or a kernel found invalid device data (reported at the next sync)
   | "disposed"; //        the object was used after dispose()
 
+/** Every error moeffi raises on purpose; `code` says which kind. */
 export class MoeffiError extends Error {
+  /** "MoeffiError" */
   override name = "MoeffiError";
+  /**
+   * @param code the kind of failure
+   * @param message what happened, with the values involved
+   */
   constructor(readonly code: ErrorCode, message: string) {
     super(message);
   }
 }
 
+/** A malformed argument, raised before any native call (code "invalid_argument"). */
 export class ArgumentError extends MoeffiError {
+  /** "ArgumentError" */
   override name = "ArgumentError";
+  /**
+   * @param argument the argument's name
+   * @param shape its shape, when it is a tensor
+   * @param expected what it should have been
+   * @param detail what it was instead
+   */
   constructor(
     readonly argument: string,
     readonly shape: readonly number[] | undefined,

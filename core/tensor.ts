@@ -5,7 +5,9 @@ import { runtime } from "../ffi/runtime.ts";
 import { ArgumentError } from "./errors.ts";
 import { fromBf16, fromE4m3, toBf16, toE4m3 } from "./dtypes.ts";
 
+/** Element types: bf16 bits, fp32, int32, fp8 e4m3fn codes, bytes (packed fp4). */
 export type DType = "bf16" | "f32" | "i32" | "fp8_e4m3" | "u8";
+/** Where a tensor lives. */
 export type Device = "cpu" | `cuda:${number}`;
 
 const ARRAYS = {
@@ -15,29 +17,37 @@ const ARRAYS = {
   fp8_e4m3: Uint8Array,
   u8: Uint8Array,
 } as const;
-interface Storage {
+/** Typed array class per dtype. */
+export interface Storage {
   bf16: Uint16Array<ArrayBufferLike>;
   f32: Float32Array<ArrayBufferLike>;
   i32: Int32Array<ArrayBufferLike>;
   fp8_e4m3: Uint8Array<ArrayBufferLike>;
   u8: Uint8Array<ArrayBufferLike>;
 }
+/** The typed array that stores a dtype. */
 export type ArrayFor<D extends DType> = Storage[D];
 
 /** What the core needs of any tensor, host or device. */
 export interface TensorLike {
+  /** Element type. */
   readonly dtype: DType;
+  /** Row-major dimensions. */
   readonly shape: readonly number[];
+  /** Where the bytes are. */
   readonly device: Device;
   /** Address of the first element, for the C structs; 0n when empty. */
   address(): bigint;
 }
 
+/** Number of elements of a shape. */
 export const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 
 /** A tensor in host memory. */
 export class Tensor<D extends DType = DType> implements TensorLike {
+  /** Host tensors live on the CPU. */
   readonly device = "cpu" as const;
+  /** Wraps `data` (no copy); its class must match the dtype and its length the shape. */
   constructor(readonly dtype: D, readonly shape: readonly number[], readonly data: ArrayFor<D>) {
     if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
       throw new ArgumentError("shape", shape, "non-negative integer dimensions");
