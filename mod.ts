@@ -18,5 +18,13 @@ export { CudaDevice, DeviceTensor } from "./cuda/device.ts";
 export type { Like } from "./core/ops.ts";
 export { ArgumentError, MoeffiError, type ErrorCode } from "./core/errors.ts";
 export * from "./core/dtypes.ts";
+export {
+  CheckpointError, f16ToF32, fromF16, openSafetensors, READABLE_DTYPES, SafetensorsCheckpoint, SafetensorsFile,
+  type TensorInfo, type TensorSource,
+} from "./core/safetensors.ts";
+export {
+  CHECKPOINT_FORMATS, type CheckpointFormat, loadMoeCheckpoint, type MoeCheckpoint, type MoeCheckpointConfig,
+  type MoeCheckpointWeights, openMoeCheckpoint,
+} from "./core/checkpoints.ts";
 export { ABI_VERSION, OPS, type Op, WEIGHT_SCALES, type WeightScale, ACT_SCALES, type ActScale, type Manifest, type Problem } from "./ffi/abi.ts";
 export { BUILTIN_NAMES, type Backend, type Skipped } from "./ffi/plugins.ts";
