@@ -9,14 +9,18 @@ import {
   type Manifest, PLUGIN_SYMBOLS, type Problem, STATUS, type TensorAddresses, type WeightAddresses,
 } from "./abi.ts";
 import { type NativeLibrary, runtime } from "./runtime.ts";
+import { PREBUILT_LIB_DIR } from "./fetch_libs.ts";
 
 /** Names of the backends that ship with moeffi: a plugin may not take them. */
 export const BUILTIN_NAMES = ["reference", "fallback", "hopper_fp8", "batch_invariant_fp8", "nvfp4"];
 
-/** Where `deno task build` puts the built-in backends. */
+/**
+ * Where the built-in backends are: `deno task build`'s folder in a checkout; when moeffi is imported
+ * from a URL, the verified prebuilt libraries that ffi/fetch_libs.ts found or downloaded at load.
+ */
 export const BUILTIN_DIR = import.meta.url.startsWith("file:")
   ? fileURLToPath(new URL("../build/lib/", import.meta.url))
-  : ""; // imported from a URL: no local build folder
+  : PREBUILT_LIB_DIR ?? "";
 
 const MESSAGE_BYTES = 1024;
 type PluginLibrary = NativeLibrary<typeof PLUGIN_SYMBOLS>;
