@@ -6,6 +6,7 @@ import type { Backend, Registry } from "../ffi/plugins.ts";
 import { runtime } from "../ffi/runtime.ts";
 import { MoeffiError } from "./errors.ts";
 
+/** How the oracle chooses; each field has an environment variable. */
 export interface SelectOptions {
   /** Run this backend or fail (MOEFFI_BACKEND). */
   backend?: string;
@@ -28,11 +29,15 @@ export function optionsFromEnv(env: (name: string) => string | undefined = runti
   };
 }
 
+/** One backend's answer for one problem. */
 export interface Verdict {
+  /** Backend name (or library path, for a library that did not load). */
   backend: string;
   /** Priority when the backend can run the problem, else null. */
   priority: number | null;
+  /** Why yes or why no, in the backend's own words. */
   reason: string;
+  /** Whether this backend runs the problem. */
   chosen: boolean;
 }
 
@@ -63,6 +68,7 @@ export function explain(registry: Registry, problem: Problem, options: SelectOpt
   ];
 }
 
+/** Verdicts as an indented table, one line each; `*` marks the chosen backend. */
 export function formatVerdicts(verdicts: readonly Verdict[]): string {
   return verdicts.map((v) => `  ${v.chosen ? "*" : "-"} ${v.backend}: ${v.priority === null ? "no" : `yes (priority ${v.priority})`}, ${v.reason}`).join("\n");
 }
@@ -89,6 +95,7 @@ export function select(registry: Registry, problem: Problem, options: SelectOpti
   throw new MoeffiError("no_backend", `no backend supports ${describeProblem(problem)}:\n${formatVerdicts(verdicts)}`);
 }
 
+/** A one-line description of a problem for messages. */
 export function describeProblem(p: Problem): string {
   const dims = p.op === "fp8_moe"
     ? `M=${p.m} K=${p.k} N=${p.n} E=${p.experts} topk=${p.topk}, ${p.weightScale} weights, ${p.actScale} activations`

@@ -27,13 +27,18 @@ type PluginLibrary = NativeLibrary<typeof PLUGIN_SYMBOLS>;
 
 /** One loaded backend library. */
 export class Backend {
+  /** Wraps an opened, checked library (see loadRegistry). */
   constructor(
+    /** What the library says it is and claims. */
     readonly manifest: Manifest,
+    /** The library's file. */
     readonly path: string,
+    /** Loaded from the built-in folder (its name is reserved). */
     readonly builtin: boolean,
     private readonly lib: PluginLibrary,
   ) {}
 
+  /** The backend's unique name. */
   get name(): string {
     return this.manifest.name;
   }
@@ -45,6 +50,7 @@ export class Backend {
     return { priority: priority >= 0 ? priority : null, reason: cString(reason) || "(no reason given)" };
   }
 
+  /** Exact workspace bytes run() needs for the problem. */
   workspaceSize(problem: Problem): number {
     const bytes = new BigUint64Array(1);
     this.check("workspace_size", problem, this.lib.symbols.moeffi_workspace_size(encodeProblem(problem), bytes), "");
@@ -60,6 +66,7 @@ export class Backend {
     return handle[0];
   }
 
+  /** Frees what prepare() made. */
   release(handle: bigint): void {
     if (handle !== 0n) this.lib.symbols.moeffi_release(handle);
   }
@@ -75,6 +82,7 @@ export class Backend {
     this.check("run", problem, status, cString(message));
   }
 
+  /** Drops the core's reference to the library (libraries are built not to unload). */
   close(): void {
     this.lib.close();
   }
@@ -86,11 +94,15 @@ export class Backend {
   }
 }
 
+/** A library or folder that did not load, and why. */
 export interface Skipped {
+  /** The library or folder. */
   path: string;
+  /** Why it was skipped. */
   reason: string;
 }
 
+/** The outcome of plugin discovery. */
 export interface Registry {
   /** Built-ins first, then plugins in folder order. */
   backends: Backend[];
