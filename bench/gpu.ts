@@ -26,7 +26,7 @@ const peer: Peer | undefined = process.env.MOEFFI_BENCH_PEER ? JSON.parse(readFi
 
 const ctx = new Context({ device: "cuda:0" });
 const cuda = ctx.cuda!;
-const backends = ctx.registry.backends.filter((b) => b.manifest.device === "cuda").map((b) => b.name);
+const backends = ctx.registry.backends.filter((b) => b.manifest.device === "cuda" && b.manifest.ops.includes("fp8_moe"));
 
 let state = 0x12345678;
 const next = () => ((state ^= state << 13), (state ^= state >>> 17), (state ^= state << 5), state >>> 0);
@@ -52,7 +52,13 @@ for (const name of presets) {
     w2: cuda.upload(tensor("fp8_e4m3", [e, k, n], fp8Codes(e * k * n))),
     w2Scale: cuda.upload(tensor("f32", weightScaleShape(weightScale, k, n, e), uniform(e * k, 1 / 512).map(Math.abs).map((v) => v + 1e-4))),
   };
-  for (const backend of backends) {
+  for (const b of backends) {
+    const backend = b.name;
+    const verdict = b.supported(ctx.problem({ op: "fp8_moe", m: Math.max(...ms), n, k, experts: e, topk, weightScale, actScale }));
+    if (verdict.priority === null) {
+      console.log(`${name}: ${backend} skipped: ${verdict.reason}`);
+      continue;
+    }
     using layer = new MoeLayer({ hidden: k, intermediate: n, experts: e, topk, weightScale, actScale, context: ctx, backend }).load(w);
     for (const m of ms) {
       const sets = [];

@@ -1,0 +1,600 @@
+// hopper_fp8.cu: the Hopper (sm_90a) FP8 MoE backend of moeffi, v1. The routing, quantization,
+// SiLU-and-requant and combine kernels are the fallback's (cuda/*.cuh); the two grouped GEMMs run on
+// the tensor cores: TMA loads of fp8 tiles into a 3-stage mbarrier ring (one producer thread), two
+// consumer warpgroups that widen each K block to f16 in smem (exact) and issue wgmma m64n128k16 f16
+// from 128B-swizzled K-major tiles, fp32 promotion of the partial sum after every 128-wide K block
+// (the reference's order), masked fp32 stores. Why f16 and not the fp8 WGMMA: NOTES.md.
+// Design, numbers and next steps: NOTES.md beside this file.
+#include <cuda.h>
+#include <cuda_fp8.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "check.cuh"
+#include "moeffi.h"
+#include "numerics.cuh"
+#include "quant.cuh"
+#include "routing.cuh"
+#include "sm90.cuh"
+
+using namespace moeffi;
+
+MOEFFI_DEFINE_LAYOUT()
+
+namespace {
+
+constexpr int64_t CHUNK = 4096;      // tokens per pass: bounds the workspace
+constexpr int64_t MAX_DIM = 1 << 20; // n, k
+constexpr uint64_t WS_ALIGN = 256;
+constexpr int BM = 128, BN = 128, BK = 128; // CTA tile; BK = 128 bytes = one 128B swizzle span
+constexpr int CONSUMERS = 2;                // consumer warpgroups, 64 rows each
+constexpr int STAGES = 3;
+constexpr int GEMM_THREADS = 128 * (CONSUMERS + 1);
+constexpr uint32_t A_STAGE = BM * BK, B_STAGE = BN * BK, STAGE_BYTES = A_STAGE + B_STAGE;
+// each consumer warpgroup's f16 copy of its K block: A (64 rows) and B (128 rows), each as two
+// 64-wide K halves of 128-byte swizzled rows
+constexpr uint32_t WA_HALF = 64 * 128, WB_HALF = BN * 128, WIDE_BYTES = 2 * WA_HALF + 2 * WB_HALF;
+constexpr size_t GEMM_SMEM = (size_t)STAGES * STAGE_BYTES + (size_t)CONSUMERS * WIDE_BYTES + 1024; // + alignment slack
+
+#define FAIL(status, ...)              \
+  do {                                 \
+    moeffi_say(msg, cap, __VA_ARGS__); \
+    return (status);                   \
+  } while (0)
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- problem checks ----
+
+int32_t check_problem(const moeffi_problem *p, char *msg, uint32_t cap) {
+  if (!p) FAIL(MOEFFI_INVALID, "problem is NULL");
+  if (p->size < sizeof(moeffi_problem)) FAIL(MOEFFI_INVALID, "problem struct too small");
+  if (p->op != MOEFFI_OP_FP8_MOE) FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 implements fp8_moe only (op %u)", p->op);
+  if (p->device == MOEFFI_DEVICE_CPU) FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 runs on CUDA; tensors are on the CPU");
+  if (p->device != MOEFFI_DEVICE_CUDA) FAIL(MOEFFI_UNSUPPORTED, "unknown device %u", p->device);
+  // Without a driver the static runtime answers cudaErrorInsufficientDriver or cudaErrorNoDevice.
+  int count = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaSuccess && count == 0) err = cudaErrorNoDevice;
+  if (err != cudaSuccess) FAIL(MOEFFI_UNSUPPORTED, "no CUDA device: %s", cudaGetErrorString(err));
+  if (p->device_index < 0 || p->device_index >= count)
+    FAIL(MOEFFI_UNSUPPORTED, "cuda:%d does not exist (%d CUDA devices)", p->device_index, count);
+  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p->device_index)) != cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, p->device_index)) != cudaSuccess)
+    FAIL(MOEFFI_DEVICE, "cannot query cuda:%d: %s", p->device_index, cudaGetErrorString(err));
+  if (major != 9 || minor != 0) FAIL(MOEFFI_UNSUPPORTED, "needs sm_90a (H100/H200), device is sm_%d%d", major, minor);
+  if (p->weight_scale > MOEFFI_W_BLOCK_128) FAIL(MOEFFI_UNSUPPORTED, "unknown weight scale %u", p->weight_scale);
+  if (p->act_scale > MOEFFI_A_DYNAMIC_GROUP_128) FAIL(MOEFFI_UNSUPPORTED, "unknown activation scale %u", p->act_scale);
+  if (p->act_scale == MOEFFI_A_DYNAMIC_TENSOR || p->act_scale == MOEFFI_A_STATIC_TENSOR)
+    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 v1 takes dynamic per-token or 1x128-group activations, not %s per-tensor",
+         p->act_scale == MOEFFI_A_STATIC_TENSOR ? "static" : "dynamic");
+  if (p->flags & MOEFFI_FLAG_BATCH_INVARIANT)
+    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 v1 is not batch invariant (its tile work depends on M)");
+  if (p->n <= 0 || p->k <= 0 || p->n % 16 || p->k % 16)
+    FAIL(MOEFFI_UNSUPPORTED, "n and k must be positive multiples of 16 (TMA row strides)");
+  if (p->n > MAX_DIM || p->k > MAX_DIM)
+    FAIL(MOEFFI_UNSUPPORTED, "n and k must be at most %lld on this backend", (long long)MAX_DIM);
+  if (p->experts > 0 && p->experts * std::max(2 * p->n, p->k) > INT32_MAX)
+    FAIL(MOEFFI_UNSUPPORTED, "experts x max(2n, k) exceeds the int32 TMA row coordinate");
+  if (p->topk > INT32_MAX / CHUNK) FAIL(MOEFFI_UNSUPPORTED, "topk = %lld is too large for this backend", (long long)p->topk);
+  return MOEFFI_OK;
+}
+
+// The core validates shapes; these checks only keep index arithmetic in range.
+int32_t check_dims(const moeffi_problem *p, char *msg, uint32_t cap) {
+  const int64_t d[] = {p->m, p->n, p->k, p->experts, p->topk};
+  const char *names[] = {"m", "n", "k", "experts", "topk"};
+  for (int i = 0; i < 5; i++)
+    if (d[i] < 0 || d[i] > INT32_MAX) FAIL(MOEFFI_INVALID, "%s = %lld is out of range", names[i], (long long)d[i]);
+  if (p->n == 0 || p->k == 0 || p->experts == 0 || p->topk == 0) FAIL(MOEFFI_INVALID, "a dimension of fp8_moe is zero");
+  return MOEFFI_OK;
+}
+
+int32_t check_all(const moeffi_problem *p, char *msg, uint32_t cap) {
+  const int32_t st = check_problem(p, msg, cap);
+  return st ? st : check_dims(p, msg, cap);
+}
+
+// ---- device code ----
+
+// Rows of x gathered into expert order: gathered row r is token perm[r] / topk; only the first
+// *count rows are routed. Quantizing a token once per routed slot gives the same codes each time.
+struct GatherRows {
+  const uint16_t *x;
+  int64_t len;
+  const int *perm;
+  int topk;
+  const int *count;
+  __device__ bool exists(int64_t r) const { return r < *count; }
+  __device__ float operator()(int64_t r, int64_t c) const {
+    return bf16_to_f32(x[(int64_t)(perm[r] / topk) * len + c]);
+  }
+};
+
+// One block of SCAN_THREADS: tile_start[e] = first BM-row tile of expert e in the GEMM grid,
+// tile_start[E] = the tile count (offsets come from the routing kernels, so they are valid).
+static __global__ void __launch_bounds__(SCAN_THREADS) tile_scan_kernel(const int *offsets, int E, int *tile_start) {
+  __shared__ int smem[SCAN_THREADS];
+  const int seg = (E + SCAN_THREADS - 1) / SCAN_THREADS;
+  const int lo = (int)min((int64_t)E, (int64_t)threadIdx.x * seg), hi = min(E, lo + seg);
+  int total = 0;
+  for (int e = lo; e < hi; e++) total += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+  int base = block_exclusive_scan(total, smem);
+  for (int e = lo; e < hi; e++) {
+    tile_start[e] = base;
+    base += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+  }
+  if (threadIdx.x == SCAN_THREADS - 1) tile_start[E] = base;
+}
+
+#ifdef MOEFFI_SM90A
+// Widens a TMA-written fp8 tile (rows x 128 bytes, 128B swizzle) into two f16 tiles (K halves
+// 0-63 and 64-127, each rows x 128 bytes, 128B swizzle) at dst and dst + rows * 128. Byte (r, k) of
+// a swizzled tile lives at r*128 + ((k/16 ^ r%8) * 16) + k%16; e4m3 -> f16 is exact.
+template <int ROWS> __device__ __forceinline__ void widen_tile(const uint8_t *src, uint8_t *dst, int t) {
+#pragma unroll 1
+  for (int i = 0; i < ROWS * 8 / 128; i++) {
+    const int idx = t + 128 * i, r = idx / 8, q = idx % 8, sw = r % 8;
+    const uint4 v = *(const uint4 *)(src + r * 128 + ((q ^ sw) * 16));
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    uint32_t o[8];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[j] & 0xFFFFu), __NV_E4M3);
+      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[j] >> 16), __NV_E4M3);
+      o[2 * j] = (uint32_t)lo.x | ((uint32_t)lo.y << 16);
+      o[2 * j + 1] = (uint32_t)hi.x | ((uint32_t)hi.y << 16);
+    }
+    uint8_t *half = dst + (q / 4) * ROWS * 128 + r * 128;
+    const int j0 = 2 * (q % 4);
+    *(uint4 *)(half + ((j0 ^ sw) * 16)) = make_uint4(o[0], o[1], o[2], o[3]);
+    *(uint4 *)(half + (((j0 + 1) ^ sw) * 16)) = make_uint4(o[4], o[5], o[6], o[7]);
+  }
+}
+#endif
+
+struct GemmArgs {
+  const int *offsets;    // [E+1] rows of each expert in the gathered A / out
+  const int *tile_start; // [E+1] from tile_scan_kernel
+  int experts;
+  int nout, klen, nkb;   // output columns (weight rows per expert), reduction length, its 128-blocks
+  const float *as;       // activation scales [rows, a_ng] (a_ng = nkb for 1x128 groups, else 1)
+  int a_ng;
+  const float *ws;       // weight scales [E, ...] per wscheme
+  uint32_t wscheme;
+  int64_t ws_per_expert;
+  float *out;            // fp32 [rows, nout]
+};
+
+// Grid (m-tile slot, n-tile). Slot t is the expert tile found in tile_start (slots past the count
+// exit). Thread 0 issues the TMA loads of A (gathered rows [m0, m0 + 128), K block kb) and B (weight
+// rows e*nout + n0 .. +128) into the ring; warpgroups 1 and 2 each own 64 rows: per K block they
+// widen A and B to f16, run eight wgmma k16 into a fresh partial tile, then
+// acc += partial * (group/block scales of kb) in fp32.
+// Rows past the expert's end (they hold the next expert's rows or TMA zero fill) and columns past
+// nout are computed but never stored.
+static __global__ void __launch_bounds__(GEMM_THREADS, 1)
+    grouped_gemm_sm90(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap, const GemmArgs g) {
+#ifdef MOEFFI_SM90A
+  using namespace sm90;
+  __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+  __shared__ int tile_info[3];
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
+
+  const int tid = threadIdx.x, t = blockIdx.x, n0 = blockIdx.y * BN;
+  if (t >= g.tile_start[g.experts]) return; // uniform over the block
+  if (tid == 0) {
+    int lo = 0, hi = g.experts; // tile_start[lo] <= t < tile_start[hi]
+    while (hi - lo > 1) {
+      const int mid = lo + (hi - lo) / 2;
+      if (g.tile_start[mid] <= t) lo = mid;
+      else hi = mid;
+    }
+    tile_info[0] = lo;
+    tile_info[1] = g.offsets[lo] + (t - g.tile_start[lo]) * BM;
+    tile_info[2] = g.offsets[lo + 1];
+    for (int s = 0; s < STAGES; s++) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], CONSUMERS * 4); // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int e = tile_info[0], m0 = tile_info[1], end = tile_info[2];
+  const int wg = tid / 128;
+
+  if (wg == 0) { // producer
+    if (tid == 0) {
+      tma_prefetch(&amap);
+      tma_prefetch(&bmap);
+      const int brow = e * g.nout + n0;
+      for (int kb = 0; kb < g.nkb; kb++) {
+        const int s = kb % STAGES;
+        if (kb >= STAGES) mbar_wait(&empty[s], ((kb / STAGES) - 1) & 1);
+        uint8_t *a = smem + (size_t)s * STAGE_BYTES, *b = a + A_STAGE;
+        mbar_arrive_expect_tx(&full[s], STAGE_BYTES);
+        tma_load_2d(a, &amap, &full[s], kb * BK, m0);
+        tma_load_2d(b, &bmap, &full[s], kb * BK, brow);
+      }
+    }
+    return;
+  }
+
+  // consumer warpgroup c owns rows m0 + 64c .. +64
+  const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32;
+  const int rbase = m0 + 64 * c;
+  const bool active = rbase < end; // uniform over the warpgroup
+  const int r0 = rbase + 16 * warp + lane / 4, r1 = r0 + 8;
+  const bool ok0 = r0 < end, ok1 = r1 < end;
+  const bool grp = g.a_ng > 1, blk = g.wscheme == MOEFFI_W_BLOCK_128;
+  const float *ws = g.ws + (int64_t)e * g.ws_per_expert;
+  uint8_t *wide = smem + (size_t)STAGES * STAGE_BYTES + (size_t)c * WIDE_BYTES;
+  float part[64], acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; i++) part[i] = 0.0f, acc[i] = 0.0f;
+
+  for (int kb = 0; kb < g.nkb; kb++) {
+    const int s = kb % STAGES;
+    // scales of this K block, read before the WGMMA window
+    float f0 = 1.0f, f1 = 1.0f;
+    if (active && (grp || blk)) {
+      const float sw = blk ? ws[(int64_t)(n0 / QBLK) * g.nkb + kb] : 1.0f;
+      const float sa0 = grp ? (ok0 ? g.as[(int64_t)r0 * g.a_ng + kb] : 0.0f) : 1.0f;
+      const float sa1 = grp ? (ok1 ? g.as[(int64_t)r1 * g.a_ng + kb] : 0.0f) : 1.0f;
+      f0 = mul_rn(sa0, sw), f1 = mul_rn(sa1, sw);
+    }
+    mbar_wait(&full[s], (kb / STAGES) & 1);
+    if (active) { // widen this warpgroup's A rows and all of B to f16; the previous WGMMAs are done
+      named_barrier(1 + c, 128);
+      const uint8_t *a = smem + (size_t)s * STAGE_BYTES + c * 64 * BK, *b = smem + (size_t)s * STAGE_BYTES + A_STAGE;
+      widen_tile<64>(a, wide, tid % 128);
+      widen_tile<BN>(b, wide + 2 * WA_HALF, tid % 128);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]); // this warp is done reading stage s
+    if (active) {
+      fence_proxy_async();
+      named_barrier(1 + c, 128);
+      fence_operands(part);
+      wgmma_fence();
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const uint64_t da = desc_k128_sw128(wide + h * WA_HALF), db = desc_k128_sw128(wide + 2 * WA_HALF + h * WB_HALF);
+#pragma unroll
+        for (int k = 0; k < 4; k++) wgmma_m64n128k16_f16(part, da + 2 * k, db + 2 * k, h | k);
+      }
+      wgmma_commit();
+      wgmma_wait0();
+      fence_operands(part);
+      if (grp || blk) {
+#pragma unroll
+        for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], mul_rn(part[i], (i / 2) % 2 ? f1 : f0));
+      } else {
+#pragma unroll
+        for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], part[i]);
+      }
+    }
+  }
+  if (!active) return;
+
+  // epilogue: per-row and per-column scales that do not depend on K, then masked stores
+  const float ea0 = grp ? 1.0f : (ok0 ? g.as[(int64_t)r0 * g.a_ng] : 0.0f);
+  const float ea1 = grp ? 1.0f : (ok1 ? g.as[(int64_t)r1 * g.a_ng] : 0.0f);
+#pragma unroll
+  for (int j = 0; j < BN / 8; j++) {
+    const int col = n0 + 8 * j + 2 * (lane % 4); // nout is even, so col < nout covers col + 1
+    if (col >= g.nout) continue;
+    float w0 = 1.0f, w1 = 1.0f;
+    if (!blk) {
+      w0 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0];
+      w1 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col + 1] : ws[0];
+    }
+    if (ok0) {
+      float2 v;
+      v.x = grp ? acc[4 * j + 0] : mul_rn(acc[4 * j + 0], ea0);
+      v.y = grp ? acc[4 * j + 1] : mul_rn(acc[4 * j + 1], ea0);
+      if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
+      *(float2 *)(g.out + (int64_t)r0 * g.nout + col) = v;
+    }
+    if (ok1) {
+      float2 v;
+      v.x = grp ? acc[4 * j + 2] : mul_rn(acc[4 * j + 2], ea1);
+      v.y = grp ? acc[4 * j + 3] : mul_rn(acc[4 * j + 3], ea1);
+      if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
+      *(float2 *)(g.out + (int64_t)r1 * g.nout + col) = v;
+    }
+  }
+#else
+  __trap(); // built for a target without sm_90a features; supported() refuses such devices
+#endif
+}
+
+// ---- host: tensor maps through the driver entry point (no libcuda link) ----
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn(char *msg, uint32_t cap, int32_t *st) {
+  static std::once_flag once;
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static cudaError_t err = cudaSuccess;
+  static cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSuccess;
+  std::call_once(once, [] {
+    void *p = nullptr;
+    err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+    if (err == cudaSuccess && q == cudaDriverEntryPointSuccess) fn = (PFN_cuTensorMapEncodeTiled_v12000)p;
+  });
+  *st = MOEFFI_OK;
+  if (!fn) {
+    moeffi_say(msg, cap, "cuTensorMapEncodeTiled is unavailable: %s (query result %d)", cudaGetErrorString(err), (int)q);
+    *st = MOEFFI_DEVICE;
+  }
+  return fn;
+}
+
+// A [rows, cols] row-major fp8 (uint8) matrix, boxes of 128 columns x box_rows rows, 128B swizzle,
+// out-of-bounds elements read as zero.
+int32_t make_map(CUtensorMap *map, const void *base, uint64_t rows, uint64_t cols, uint32_t box_rows, char *msg,
+                 uint32_t cap) {
+  int32_t st;
+  const PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn(msg, cap, &st);
+  if (!fn) return st;
+  const cuuint64_t dims[2] = {cols, rows}, strides[1] = {cols};
+  const cuuint32_t box[2] = {(cuuint32_t)BK, box_rows}, estr[2] = {1, 1};
+  const CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void *>(base), dims, strides, box, estr,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) FAIL(MOEFFI_DEVICE, "cuTensorMapEncodeTiled (%llu x %llu) failed: CUresult %d",
+                              (unsigned long long)rows, (unsigned long long)cols, (int)r);
+  return MOEFFI_OK;
+}
+
+// ---- workspace: 256-byte aligned sub-buffers, sized for one chunk of min(M, CHUNK) tokens ----
+
+struct Plan {
+  uint64_t xq, xs;                    // x gathered into expert order as fp8 [Pc, K], its scales
+  uint64_t hist, offsets, perm, inv;  // routing
+  uint64_t tiles;                     // tile_start [E+1]
+  uint64_t acc, hq, hs;               // GEMM1 then GEMM2 out f32; h as fp8 [Pc, N], its scales
+  uint64_t total;
+};
+
+uint64_t take(uint64_t *cursor, uint64_t bytes) {
+  const uint64_t at = (*cursor + WS_ALIGN - 1) / WS_ALIGN * WS_ALIGN;
+  *cursor = at + bytes;
+  return at;
+}
+
+Plan plan_workspace(const moeffi_problem *p) {
+  Plan w = {};
+  uint64_t c = 0;
+  const uint64_t mc = (uint64_t)std::min<int64_t>(p->m, CHUNK), n = p->n, k = p->k, e = p->experts, f = 4;
+  if (mc == 0) return w;
+  const uint64_t pc = mc * p->topk;
+  w.xq = take(&c, pc * k);
+  w.xs = take(&c, pc * act_groups(p->act_scale, k) * f);
+  w.hist = take(&c, (uint64_t)route_chunks(pc) * e * 4);
+  w.offsets = take(&c, (e + 1) * 4);
+  w.perm = take(&c, pc * 4);
+  w.inv = take(&c, pc * 4);
+  w.tiles = take(&c, (e + 1) * 4);
+  w.acc = take(&c, pc * std::max(2 * n, k) * f);
+  w.hq = take(&c, pc * n);
+  w.hs = take(&c, pc * act_groups(p->act_scale, n) * f);
+  w.total = c;
+  return w;
+}
+
+// ---- prepared weights: the canonical fp8 layout in the handle's own memory, plus their B maps ----
+
+struct Handle {
+  uint32_t weight_scale, act_scale;
+  int64_t n, k, experts;
+  int device;
+  void *mem;
+  uint8_t *w13, *w2; // fp8 [E, 2N, K] and [E, K, N]
+  float *s13, *s2;
+  CUtensorMap map13, map2; // B operands: [E*2N, K] and [E*K, N], boxes 128 x 128
+};
+
+int64_t scale_count(uint32_t wscheme, int64_t rows, int64_t len) {
+  if (wscheme == MOEFFI_W_PER_CHANNEL) return rows;
+  if (wscheme == MOEFFI_W_BLOCK_128) return ceil_div(rows, QBLK) * ceil_div(len, QBLK);
+  return 1;
+}
+
+int32_t check_handle(const moeffi_problem *p, const Handle *h, char *msg, uint32_t cap) {
+  if (!h) FAIL(MOEFFI_INVALID, "handle is NULL: call prepare first");
+  if (p->n != h->n || p->k != h->k || p->experts != h->experts || h->weight_scale != p->weight_scale ||
+      h->act_scale != p->act_scale || h->device != p->device_index)
+    FAIL(MOEFFI_INVALID, "problem (n, k, experts, scheme or device) differs from the one the handle was prepared for");
+  return MOEFFI_OK;
+}
+
+#define NEED(ptr, count, slot) \
+  if (!(ptr) && (count) != 0) FAIL(MOEFFI_INVALID, "tensors->%s is NULL", slot)
+
+int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, int pc, cudaStream_t s,
+                    char *msg, uint32_t cap) {
+  // upper bound of the expert tiles: sum over experts with rows of ceil(m_e / BM)
+  const int64_t slots = ceil_div(pc, BM) + std::min<int64_t>(g.experts, pc);
+  const dim3 grid((unsigned)slots, (unsigned)ceil_div(g.nout, BN));
+  grouped_gemm_sm90<<<grid, GEMM_THREADS, GEMM_SMEM, s>>>(amap, bmap, g);
+  MOEFFI_CUDA_LAUNCHED("hopper_fp8 grouped GEMM");
+  return MOEFFI_OK;
+}
+
+int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tensors *t, char *base, cudaStream_t s,
+                    char *msg, uint32_t cap) {
+  const Plan w = plan_workspace(p);
+  const int64_t M = p->m, N = p->n, K = p->k;
+  const int E = (int)p->experts, topk = (int)p->topk;
+  const uint32_t act = p->act_scale;
+  uint8_t *xq = (uint8_t *)(base + w.xq), *hq = (uint8_t *)(base + w.hq);
+  float *xs = (float *)(base + w.xs), *hs = (float *)(base + w.hs), *acc = (float *)(base + w.acc);
+  int *hist = (int *)(base + w.hist), *offsets = (int *)(base + w.offsets), *tiles = (int *)(base + w.tiles);
+  int *perm = (int *)(base + w.perm), *inv = (int *)(base + w.inv);
+  const uint16_t *x = (const uint16_t *)t->x;
+  const int32_t *ids = (const int32_t *)t->topk_ids;
+  const ActScheme sch = {act, nullptr, nullptr}; // per-token or 1x128: no tensor scale
+  const int nkb1 = (int)ceil_div(K, QBLK), nkb2 = (int)ceil_div(N, QBLK);
+  int32_t st;
+  for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
+    const int64_t mc = std::min(CHUNK, M - t0);
+    const int pc = (int)(mc * topk);
+    CUtensorMap amap1, amap2;
+    if ((st = make_map(&amap1, xq, pc, K, BM, msg, cap)) || (st = make_map(&amap2, hq, pc, N, BM, msg, cap))) return st;
+    launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s);
+    tile_scan_kernel<<<1, SCAN_THREADS, 0, s>>>(offsets, E, tiles);
+    quantize_rows_kernel<<<(unsigned)pc, QUANT_THREADS, 0, s>>>(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, K,
+                                                                 sch, xq, xs);
+    MOEFFI_CUDA_LAUNCHED("hopper_fp8 routing and quantization");
+    const GemmArgs g1 = {offsets, tiles, E, (int)(2 * N), (int)K, nkb1, xs, (int)act_groups(act, K), h->s13,
+                         p->weight_scale, scale_count(p->weight_scale, 2 * N, K), acc};
+    if ((st = launch_gemm(amap1, h->map13, g1, pc, s, msg, cap))) return st;
+    const SiluRows hrows = {acc, N, offsets + E}; // rows [0, offsets[E]) are routed
+    quantize_rows_kernel<<<(unsigned)pc, QUANT_THREADS, 0, s>>>(hrows, N, sch, hq, hs);
+    const GemmArgs g2 = {offsets, tiles, E, (int)K, (int)N, nkb2, hs, (int)act_groups(act, N), h->s2,
+                         p->weight_scale, scale_count(p->weight_scale, K, N), acc};
+    if ((st = launch_gemm(amap2, h->map2, g2, pc, s, msg, cap))) return st;
+    combine_kernel<<<(unsigned)ceil_div(mc * K, 256), 256, 0, s>>>(acc, inv, (const float *)t->topk_weights + t0 * topk,
+                                                                  mc, topk, K, (uint16_t *)t->out + t0 * K);
+    MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_moe kernels");
+  }
+  return MOEFFI_OK;
+}
+
+} // namespace
+
+// ---- exported entry points ----
+
+MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
+
+MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
+  if (!out || out->size < sizeof(moeffi_manifest)) return MOEFFI_INVALID;
+  memset(out, 0, sizeof *out);
+  out->size = sizeof *out;
+  out->abi_version = MOEFFI_ABI_VERSION;
+  strcpy(out->name, "hopper_fp8");
+  strcpy(out->version, "0.1.0");
+  strcpy(out->archs, "sm_90a");
+  out->device = MOEFFI_DEVICE_CUDA;
+  out->ops = 1u << MOEFFI_OP_FP8_MOE;
+  out->weight_scales = (1u << MOEFFI_W_PER_TENSOR) | (1u << MOEFFI_W_PER_CHANNEL) | (1u << MOEFFI_W_BLOCK_128);
+  out->act_scales = (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128);
+  out->batch_invariant_ops = 0;
+  out->priority = 30;
+  return MOEFFI_OK;
+}
+
+MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason, uint32_t capacity) {
+  if (check_problem(problem, reason, capacity) != MOEFFI_OK) return -1;
+  cudaDeviceProp prop;
+  const cudaError_t err = cudaGetDeviceProperties(&prop, problem->device_index);
+  if (err != cudaSuccess) {
+    moeffi_say(reason, capacity, "cannot query cuda:%d: %s", problem->device_index, cudaGetErrorString(err));
+    return -1;
+  }
+  moeffi_say(reason, capacity, "WGMMA + TMA grouped GEMMs on %s (sm_%d%d)", prop.name, prop.major, prop.minor);
+  return 30;
+}
+
+MOEFFI_API int32_t moeffi_workspace_size(const moeffi_problem *problem, uint64_t *bytes) {
+  if (!bytes) return MOEFFI_INVALID;
+  *bytes = 0;
+  const int32_t st = check_all(problem, NULL, 0);
+  if (st) return st;
+  *bytes = plan_workspace(problem).total;
+  return MOEFFI_OK;
+}
+
+MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_weights *weights, void **handle,
+                                  char *message, uint32_t capacity) {
+  char *msg = message;
+  uint32_t cap = capacity;
+  if (!handle) FAIL(MOEFFI_INVALID, "handle is NULL");
+  *handle = NULL;
+  int32_t st = check_all(problem, msg, cap);
+  if (st) return st;
+  if (!weights || weights->size < sizeof(moeffi_weights)) FAIL(MOEFFI_INVALID, "weights struct too small");
+  if (!weights->w13 || !weights->w13_scale || !weights->w2 || !weights->w2_scale)
+    FAIL(MOEFFI_INVALID, "weights->%s is NULL", !weights->w13 ? "w13" : !weights->w13_scale ? "w13_scale"
+                                                : !weights->w2  ? "w2" : "w2_scale");
+  const int64_t E = problem->experts, N = problem->n, K = problem->k;
+  const uint64_t b13 = E * 2 * N * K, bs13 = E * scale_count(problem->weight_scale, 2 * N, K) * 4;
+  const uint64_t b2 = E * K * N, bs2 = E * scale_count(problem->weight_scale, K, N) * 4;
+  uint64_t total = 0;
+  const uint64_t o13 = take(&total, b13), os13 = take(&total, bs13), o2 = take(&total, b2), os2 = take(&total, bs2);
+  MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)GEMM_SMEM));
+  // CUtensorMap is 64-byte aligned (alignas in cuda.h): calloc's alignment is not enough
+  Handle *h = (Handle *)aligned_alloc(alignof(Handle), (sizeof(Handle) + alignof(Handle) - 1) / alignof(Handle) * alignof(Handle));
+  if (!h) FAIL(MOEFFI_NO_MEMORY, "cannot allocate the handle");
+  memset((void *)h, 0, sizeof(Handle));
+  h->weight_scale = problem->weight_scale, h->act_scale = problem->act_scale;
+  h->n = N, h->k = K, h->experts = E, h->device = problem->device_index;
+  cudaError_t err = cudaMalloc(&h->mem, total);
+  if (err != cudaSuccess) {
+    free(h);
+    FAIL(err == cudaErrorMemoryAllocation ? MOEFFI_NO_MEMORY : MOEFFI_DEVICE, "cudaMalloc of %llu bytes: %s",
+         (unsigned long long)total, cudaGetErrorString(err));
+  }
+  char *mem = (char *)h->mem;
+  h->w13 = (uint8_t *)(mem + o13), h->s13 = (float *)(mem + os13), h->w2 = (uint8_t *)(mem + o2), h->s2 = (float *)(mem + os2);
+  err = cudaMemcpy(h->w13, weights->w13, b13, cudaMemcpyDefault);
+  if (err == cudaSuccess) err = cudaMemcpy(h->s13, weights->w13_scale, bs13, cudaMemcpyDefault);
+  if (err == cudaSuccess) err = cudaMemcpy(h->w2, weights->w2, b2, cudaMemcpyDefault);
+  if (err == cudaSuccess) err = cudaMemcpy(h->s2, weights->w2_scale, bs2, cudaMemcpyDefault);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(0);
+  if (err != cudaSuccess) {
+    cudaFree(h->mem);
+    free(h);
+    FAIL(MOEFFI_DEVICE, "copying the weights: %s", cudaGetErrorString(err));
+  }
+  if ((st = make_map(&h->map13, h->w13, (uint64_t)(E * 2 * N), K, BN, msg, cap)) ||
+      (st = make_map(&h->map2, h->w2, (uint64_t)(E * K), N, BN, msg, cap))) {
+    cudaFree(h->mem);
+    free(h);
+    return st;
+  }
+  *handle = h;
+  return MOEFFI_OK;
+}
+
+MOEFFI_API void moeffi_release(void *handle) {
+  Handle *h = (Handle *)handle;
+  if (!h) return;
+  if (cudaSetDevice(h->device) == cudaSuccess) cudaFree(h->mem);
+  free(h);
+}
+
+MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const moeffi_tensors *tensors, char *message,
+                              uint32_t capacity) {
+  char *msg = message;
+  uint32_t cap = capacity;
+  int32_t st;
+  if ((st = check_all(problem, msg, cap))) return st;
+  if (!tensors || tensors->size < sizeof(moeffi_tensors)) FAIL(MOEFFI_INVALID, "tensors struct too small");
+  const Handle *h = (const Handle *)handle;
+  if ((st = check_handle(problem, h, msg, cap))) return st;
+  const uint64_t M = problem->m, K = problem->k, P = M * problem->topk;
+  NEED(tensors->x, M * K, "x");
+  NEED(tensors->out, M * K, "out");
+  NEED(tensors->topk_ids, P, "topk_ids");
+  NEED(tensors->topk_weights, P, "topk_weights");
+  MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
+  (void)cudaGetLastError(); // forget a stale error of an earlier runtime call (this library's own runtime)
+  const cudaStream_t s = (cudaStream_t)tensors->stream;
+  const uint64_t need = plan_workspace(problem).total;
+  // TMA reads the gathered activations straight from the workspace: 16-byte alignment at least.
+  if (problem->m > 0 && (tensors->workspace_bytes < need || (need && !tensors->workspace) ||
+                         (uintptr_t)tensors->workspace % 16))
+    FAIL(MOEFFI_INVALID, "workspace must be %llu bytes, 16-byte aligned (got %llu)", (unsigned long long)need,
+         (unsigned long long)tensors->workspace_bytes);
+  if (problem->m == 0) return MOEFFI_OK;
+  return run_fp8_moe(problem, h, tensors, (char *)tensors->workspace, s, msg, cap);
+}
