@@ -22,6 +22,8 @@ for step in $steps; do
       python3 bench/peers/torch_moe.py --out "$out/peer.json" 2> "$out/peer.log" || { status=1; tail -20 "$out/peer.log"; }
       MOEFFI_BENCH_PEER="$out/peer.json" deno run -A bench/gpu.ts > "$out/bench.log" 2>&1 || status=1
       tail -40 "$out/bench.log"; cp bench/results/*.json bench/results/*.md bench/results/*.svg "$out/" 2>/dev/null ;;
+    doctor) # what a user sees on this machine
+      deno run -A tools/doctor.ts 2>&1 | tee "$out/doctor.log" | head -60 || status=1 ;;
     bun) # the Bun path on the GPU: a smoke run of the same suite
       MOEFFI_GPU_PROBLEMS=0.1 bun test --timeout 600000 ./tests/gpu/backends.gpu.ts 2>&1 | tee "$out/bun.log" | tail -25 || status=1 ;;
   esac
