@@ -10,7 +10,7 @@
  * ```
  * @module
  */
-export { MoeLayer, type MoeConfig, type MoeWeights, Fp8Linear, type LinearConfig, topkSoftmax, nvfp4ExpertsQuant, nvfp4ScaleRows } from "./core/ops.ts";
+export { MoeLayer, type MoeConfig, type MoeWeights, Fp8Linear, type LinearConfig, topkSoftmax, nvfp4ExpertsQuant, nvfp4ScaleRows, nvfp4SiluQuant, type Nvfp4Options } from "./core/ops.ts";
 export { Context, type ContextOptions, defaultContext, type ProblemSpec } from "./core/context.ts";
 export { explain, formatVerdicts, type SelectOptions, type Verdict } from "./core/oracle.ts";
 export { Tensor, tensor, type TensorLike, type DType, type Device } from "./core/tensor.ts";

@@ -39,7 +39,7 @@ function openmpFlags(): Promise<string[]> {
   })());
 }
 
-function nvccPath(): string | undefined {
+export function nvccPath(): string | undefined {
   const home = env("CUDA_HOME") ?? env("CUDA_PATH");
   if (home && existsSync(join(home, "bin", "nvcc"))) return join(home, "bin", "nvcc");
   for (const dir of (env("PATH") ?? "").split(":")) if (dir && existsSync(join(dir, "nvcc"))) return join(dir, "nvcc");

@@ -34,8 +34,18 @@ enum moeffi_op {
   MOEFFI_OP_FP8_SCALED_MM = 1,       /* y[M,N] = dequant(quant(x[M,K])) @ dequant(W[N,K])^T (+ bias) */
   MOEFFI_OP_TOPK_SOFTMAX = 2,        /* router logits [M,E] -> topk ids and weights */
   MOEFFI_OP_NVFP4_EXPERTS_QUANT = 3, /* expert-grouped NVFP4 quantization, swizzled block scales */
-  MOEFFI_OP_COUNT = 4
+  MOEFFI_OP_NVFP4_SILU_QUANT = 4,    /* SiLU-and-mul of GEMM 1's output, then nvfp4_experts_quant */
+  MOEFFI_OP_COUNT = 5
 };
+
+/* nvfp4_silu_quant, exactly: x is GEMM 1's output, bf16 [M, 2N] in expert-contiguous rows (gate =
+ * columns [0, N), up = [N, 2N)), with expert_offsets [E+1] and global_scale [E] as for
+ * nvfp4_experts_quant. For each row and column c < N, with g = x[r, c], u = x[r, N + c] as fp32:
+ *   e = exp(-g) correctly rounded to fp32,  h = bf16_rne(RN(RN(g / RN(1 + e)) * u)),
+ * every step an IEEE fp32 round-to-nearest-even operation, a NaN h being the canonical 0x7FC0.
+ * Then exactly nvfp4_experts_quant of h [M, N] (bf16): out uint8 [M, N/2], out_aux the swizzled
+ * scales [M + 127 E rows, ceil(N/64) * 4]. So the fused op equals SiLU-then-quant bit for bit.
+ * Problem dims: m = M, n = N (N % 16 == 0), experts = E; k is unused (0). */
 
 enum moeffi_status {
   MOEFFI_OK = 0,
@@ -74,7 +84,8 @@ enum moeffi_act_scale {
  *   fp8_moe:             m tokens, k hidden, n expert intermediate, experts E, topk
  *   fp8_scaled_mm:       m rows, k in, n out
  *   topk_softmax:        m tokens, experts E (logit columns), topk
- *   nvfp4_experts_quant: m rows (already expert-contiguous), k columns, experts E */
+ *   nvfp4_experts_quant: m rows (already expert-contiguous), k columns, experts E
+ *   nvfp4_silu_quant:    m rows (already expert-contiguous), n = half the input columns, experts E */
 typedef struct moeffi_problem {
   uint32_t size; /* sizeof(moeffi_problem) */
   uint32_t op;
@@ -105,7 +116,7 @@ typedef struct moeffi_weights {
 typedef struct moeffi_tensors {
   uint32_t size; /* sizeof(moeffi_tensors) */
   uint32_t reserved;
-  const void *x;            /* bf16 [M, K] (moe, mm, nvfp4); fp32 logits [M, E] (topk_softmax) */
+  const void *x;            /* bf16 [M, K] (moe, mm, nvfp4); bf16 [M, 2N] (nvfp4_silu); fp32 logits [M, E] (topk) */
   const void *topk_ids;     /* int32 [M, topk] (moe input), -1 = empty slot */
   const void *topk_weights; /* fp32 [M, topk] (moe input) */
   const void *a1_scale;     /* fp32 [1], static activation scale of x */
@@ -113,8 +124,8 @@ typedef struct moeffi_tensors {
   const void *bias;         /* bf16 [N] (mm, with MOEFFI_FLAG_HAS_BIAS) */
   const void *expert_offsets; /* int32 [E+1] row starts (nvfp4) */
   const void *global_scale;   /* fp32 [E] (nvfp4) */
-  void *out;           /* bf16 [M, K] (moe); bf16 [M, N] (mm); uint8 [M, K/2] (nvfp4); int32 ids [M, topk] (topk) */
-  void *out_aux;       /* uint8 swizzled scales [M + 127*E rows, ceil(K/64)*4] (nvfp4); fp32 weights [M, topk] (topk) */
+  void *out;           /* bf16 [M, K] (moe); bf16 [M, N] (mm); uint8 [M, K/2] (nvfp4; [M, N/2] silu); int32 ids [M, topk] (topk) */
+  void *out_aux;       /* uint8 swizzled scales [M + 127*E rows, ceil(K/64)*4] (nvfp4; N for silu); fp32 weights [M, topk] (topk) */
   void *workspace;     /* workspace_bytes bytes on problem.device, owned by the caller */
   uint64_t workspace_bytes;
   void *stream;        /* cudaStream_t for CUDA backends; NULL = default stream; ignored on the CPU */

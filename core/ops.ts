@@ -219,30 +219,68 @@ export async function topkSoftmax<T extends TensorLike>(
 /** Rows of the swizzled NVFP4 scale buffer: room for every expert to start on a 128-row tile. */
 export const nvfp4ScaleRows = (m: number, experts: number) => m + 127 * experts;
 
-/** Expert-grouped NVFP4 quantization of expert-contiguous rows (bit-exact, see README). */
-export async function nvfp4ExpertsQuant<T extends TensorLike>(
+/** Options of the NVFP4 ops: context, a forced backend, and output tensors to fill. */
+export interface Nvfp4Options<T extends TensorLike> {
+  context?: Context;
+  backend?: string;
+  /** uint8 [M, cols / 2]: two e2m1 codes per byte, element 2i in the low nibble. */
+  packed?: Like<T, "u8">;
+  /** uint8 [M + 127 E, ceil(cols / 64) * 4]: the swizzled e4m3 block scales, padding zero. */
+  scales?: Like<T, "u8">;
+}
+
+/** Validates and runs one NVFP4 op on x [m, cols] (quant) or [m, 2 * cols] (silu_quant). */
+async function nvfp4Op<T extends TensorLike>(
+  op: "nvfp4_experts_quant" | "nvfp4_silu_quant",
   x: T,
   expertOffsets: TensorLike,
   globalScale: TensorLike,
-  opts: { context?: Context; backend?: string; packed?: Like<T, "u8">; scales?: Like<T, "u8"> } = {},
+  opts: Nvfp4Options<T>,
 ): Promise<{ packed: Like<T, "u8">; scales: Like<T, "u8"> }> {
   const ctx = opts.context ?? defaultContext(), dev = ctx.device;
-  const [m, k] = x?.shape ?? [];
-  expectTensor("x", x, "bf16", [m, k], dev);
-  expectMultipleOf16("x.shape[1]", k);
+  const silu = op === "nvfp4_silu_quant";
+  const [m, width] = x?.shape ?? [];
+  expectTensor("x", x, "bf16", [m, width], dev);
+  const cols = silu ? width / 2 : width;
+  expectMultipleOf16(silu ? "x.shape[1] / 2" : "x.shape[1]", cols);
   const experts = (globalScale?.shape?.[0] ?? 0);
   expectInt("experts (globalScale.shape[0])", experts);
   expectTensor("globalScale", globalScale, "f32", [experts], dev);
   expectPositiveScales("globalScale", globalScale);
   expectTensor("expertOffsets", expertOffsets, "i32", [experts + 1], dev);
   expectOffsets("expertOffsets", expertOffsets, m);
-  const scaleShape = [nvfp4ScaleRows(m, experts), cdiv(k, 64) * 4];
-  const packed = opts.packed ?? ctx.empty("u8", [m, k / 2]) as Like<T, "u8">;
+  const scaleShape = [nvfp4ScaleRows(m, experts), cdiv(cols, 64) * 4];
+  const packed = opts.packed ?? ctx.empty("u8", [m, cols / 2]) as Like<T, "u8">;
   const scales = opts.scales ?? ctx.empty("u8", scaleShape) as Like<T, "u8">;
-  expectTensor("packed", packed, "u8", [m, k / 2], dev);
+  expectTensor("packed", packed, "u8", [m, cols / 2], dev);
   expectTensor("scales", scales, "u8", scaleShape, dev);
-  const problem = ctx.problem({ op: "nvfp4_experts_quant", m, k, experts });
+  const problem = ctx.problem(silu ? { op, m, n: cols, experts } : { op, m, k: cols, experts });
   const { backend } = ctx.select(problem, opts.backend);
   await ctx.run(backend, problem, 0n, { x, expertOffsets, globalScale, out: packed, outAux: scales });
   return { packed, scales };
+}
+
+/** Expert-grouped NVFP4 quantization of expert-contiguous rows x bf16 [M, K] (bit-exact, see README). */
+export function nvfp4ExpertsQuant<T extends TensorLike>(
+  x: T,
+  expertOffsets: TensorLike,
+  globalScale: TensorLike,
+  opts: Nvfp4Options<T> = {},
+): Promise<{ packed: Like<T, "u8">; scales: Like<T, "u8"> }> {
+  return nvfp4Op("nvfp4_experts_quant", x, expertOffsets, globalScale, opts);
+}
+
+/**
+ * SiLU-and-mul then NVFP4 quantization, as an FP4 MoE runs it between its GEMMs: x is GEMM 1's output
+ * bf16 [M, 2N] in expert-contiguous rows (gate columns, then up), h = bf16(silu(gate) * up) in fp32
+ * (moeffi.h, nvfp4_silu_quant), and the result is nvfp4ExpertsQuant(h) bit for bit: packed [M, N/2],
+ * swizzled scales [M + 127 E, ceil(N/64) * 4].
+ */
+export function nvfp4SiluQuant<T extends TensorLike>(
+  x: T,
+  expertOffsets: TensorLike,
+  globalScale: TensorLike,
+  opts: Nvfp4Options<T> = {},
+): Promise<{ packed: Like<T, "u8">; scales: Like<T, "u8"> }> {
+  return nvfp4Op("nvfp4_silu_quant", x, expertOffsets, globalScale, opts);
 }

@@ -103,6 +103,8 @@ export function describeProblem(p: Problem): string {
     ? `M=${p.m} N=${p.n} K=${p.k}, ${p.weightScale} weights, ${p.actScale} activations`
     : p.op === "topk_softmax"
     ? `M=${p.m} E=${p.experts} topk=${p.topk}`
+    : p.op === "nvfp4_silu_quant"
+    ? `M=${p.m} N=${p.n} E=${p.experts}`
     : `M=${p.m} K=${p.k} E=${p.experts}`;
   return `${p.op} (${dims}) on ${p.device === "cpu" ? "cpu" : `cuda:${p.deviceIndex}`}${p.flags & FLAG_BATCH_INVARIANT ? ", batch invariant" : ""}`;
 }

@@ -124,6 +124,12 @@ export class CudaDevice {
     if (t.bytes > 0) this.check(this.#driver.cuMemsetD8Async(t.address(), byte, BigInt(t.bytes), this.stream), "cuMemsetD8Async");
   }
 
+  /** Copies src into dst, device to device, the first min(dst, src) bytes (ordered on the stream). */
+  copy(dst: DeviceTensor, src: DeviceTensor): void {
+    const bytes = Math.min(dst.bytes, src.bytes);
+    if (bytes > 0) this.check(this.#driver.cuMemcpyDtoDAsync_v2(dst.address(), src.address(), BigInt(bytes), this.stream), "cuMemcpyDtoDAsync");
+  }
+
   async download<D extends DType>(t: DeviceTensor<D>): Promise<Tensor<D>> {
     await this.synchronize();
     const host = tensor(t.dtype, t.shape);

@@ -19,6 +19,7 @@ const SYMBOLS = {
   cuMemcpyHtoDAsync_v2: { parameters: ["u64", "buffer", "u64", "u64"], result: "i32" },
   cuMemcpyDtoHAsync_v2: { parameters: ["buffer", "u64", "u64", "u64"], result: "i32" },
   cuMemsetD8Async: { parameters: ["u64", "u32", "u64", "u64"], result: "i32" },
+  cuMemcpyDtoDAsync_v2: { parameters: ["u64", "u64", "u64", "u64"], result: "i32" },
   cuStreamCreate: { parameters: ["buffer", "u32"], result: "i32" },
   cuStreamQuery: { parameters: ["u64"], result: "i32" },
   cuEventCreate: { parameters: ["buffer", "u32"], result: "i32" },

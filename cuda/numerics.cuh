@@ -90,6 +90,27 @@ MOEFFI_HD uint8_t f32_to_e4m3(float f) {
   return sign | (uint8_t)q; // q == 8 is 2^-6, the first normal code
 }
 
+// f32_to_e4m3(f), and in *value what e4m3_to_f32 decodes from it, in one pass without branches:
+// |f| + 2^20 times its binade (at least 2^14: the subnormal step 2^-9, at most 2^28) rounds |f| to 3
+// mantissa bits, ties to even; the sum gives the subnormal codes, the rounded value the normal ones.
+// The same code and value bits as the two functions for every one of the 2^32 inputs (checked
+// exhaustively, tests/nvfp4_numerics_check.cu).
+MOEFFI_HD uint8_t f32_to_e4m3_value(float f, float *value) {
+  const uint32_t u = bits_of(f), a = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
+  uint32_t m = (a & 0x7F800000u) + (20u << 23);
+  m = m < 0x46800000u ? 0x46800000u : m > 0x4D800000u ? 0x4D800000u : m;
+  const float sum = add_rn(float_of(a), float_of(m)), r = add_rn(sum, -float_of(m)); // exact
+  uint32_t code = r < 0.015625f ? bits_of(sum) - m : (bits_of(r) >> 20) - 960u;    // below 2^-6: units of 2^-9
+  code = code < 0x7Eu ? code : 0x7Eu;                                               // saturate to 448
+  const float v = r < 448.0f ? r : 448.0f;
+  if (a > 0x7F800000u) {                                                            // NaN
+    *value = float_of(sign | 0x7FC00000u);
+    return (uint8_t)((sign >> 24) | 0x7Fu);
+  }
+  *value = float_of(bits_of(v) | sign);
+  return (uint8_t)((sign >> 24) | code);
+}
+
 MOEFFI_HD float e4m3_to_f32(uint8_t c) {
   const uint32_t sign = (uint32_t)(c & 0x80u) << 24, e = (c >> 3) & 15u, m = c & 7u;
   if (e == 15 && m == 7) return float_of(sign | 0x7FC00000u); // NaN
@@ -98,20 +119,43 @@ MOEFFI_HD float e4m3_to_f32(uint8_t c) {
 }
 
 // fp32 -> e2m1 (0, .5, 1, 1.5, 2, 3, 4, 6): RNE with ties to the even code, saturating; the sign
-// comes from the float's sign bit (-0 gives 0x8); NaN fails every comparison and lands on 6.
-MOEFFI_HD uint8_t f32_to_e2m1(float f) {
-  const uint8_t sign = (uint8_t)((bits_of(f) >> 28) & 0x8u);
-  const float a = fabsf(f);
-  const uint8_t q = a <= 0.25f ? 0 : a < 0.75f ? 1 : a <= 1.25f ? 2 : a < 1.75f ? 3
-                  : a <= 2.5f  ? 4 : a < 3.5f  ? 5 : a <= 5.0f  ? 6 : 7;
-  return sign | q;
+// comes from the float's sign bit (-0 gives 0x8); NaN lands on 6 (code 7), as in the reference's
+// comparison chain (a <= 0.25 ? 0 : a < 0.75 ? 1 : ... : a <= 5 ? 6 : 7). Computed without that
+// chain: |f| + 2^22, 2^23 or 2^24 (by |f|'s binade: below 2, below 4, above; more from 8 on, which
+// saturates) rounds |f| to the e2m1 step of its binade (0.5, 1, 2) and the sum's low bits count the
+// steps; RN ties go to even step counts, which are the even codes. Half the instructions of the
+// chain, and the same code for every one of the 2^32 inputs (checked exhaustively against the chain,
+// tests/nvfp4_numerics_check.cu).
+MOEFFI_HD uint32_t e2m1_magnitude(float f) { // the code of |f|, 0..7
+#ifdef __CUDA_ARCH__
+  const float a = fminf(fabsf(f), 16.0f); // NaN and everything from 16 on give 16, hence 7
+#else
+  const float a = fabsf(f) < 16.0f ? fabsf(f) : 16.0f;
+#endif
+  uint32_t m = (bits_of(a) & 0x7F800000u) + 0x0B000000u; // 2^22 times a's binade, at least 2^22
+  m = m < 0x4A800000u ? 0x4A800000u : m;
+  const int n = (int)(bits_of(add_rn(a, float_of(m))) - m) + (int)((m - 0x4A800000u) >> 22);
+  return (uint32_t)(n < 7 ? n : 7);
 }
+
+MOEFFI_HD uint8_t f32_to_e2m1(float f) { return (uint8_t)(((bits_of(f) >> 28) & 0x8u) | e2m1_magnitude(f)); }
 
 // max(m, |v|) as the reference's amax_of: a NaN v never wins. (fmaxf is not the same: glibc's
 // returns NaN for a signaling NaN.)
 MOEFFI_HD float amax_step(float m, float v) {
+#ifdef __CUDA_ARCH__
+  return fmaxf(m, fabsf(v)); // the same: m is never NaN, and CUDA's fmaxf returns the non-NaN operand
+#else
   const float a = fabsf(v);
   return a > m ? a : m;
+#endif
+}
+
+// a / 6 correctly rounded (div_rn) for a non-negative bf16 value a (an NVFP4 block amax): a product
+// and two FMAs, equal to the division for all 2^15 of them but +inf, which the product gives.
+MOEFFI_HD float div6_bf16(float a) {
+  const float c = 1.0f / 6.0f, q0 = mul_rn(a, c), q = fmaf(fmaf(-q0, 6.0f, a), c, q0);
+  return a == INFINITY ? q0 : q;
 }
 
 // v * s as the reference gets it on the CPU, where a NaN v comes out with its own sign; GPU
@@ -123,6 +167,68 @@ MOEFFI_HD float dynamic_scale(float amax) { return fmaxf(div_rn(amax, FP8_MAX), 
 
 // h = silu(g) * u, in the reference's order of roundings (expf differs from glibc by an ulp at most).
 MOEFFI_HD float silu_mul(float g, float u) { return mul_rn(div_rn(g, add_rn(1.0f, expf(-g))), u); }
+
+// The bf16 h of nvfp4_silu_quant (moeffi.h): e = exp(-g) correctly rounded to fp32, then
+// h = bf16(RN(RN(g / RN(1 + e)) * u)), a NaN h being the canonical 0x7FC0. g and u are bf16 values.
+// exp(-g) computed in double and rounded once is correctly rounded for every bf16 g: the exact value
+// is at least 4 double ulps from every fp32 rounding midpoint (checked exhaustively, NOTES.md), and
+// exp() errs by 1 ulp at most (glibc, CUDA). That double exp is the host path and the device's
+// fallback; the device first tries CUDA's expf (2 ulp at most, not --use_fast_math), whose h is
+// taken when it cannot round differently: for g > -80 (e far below overflow) the correctly rounded
+// e moves h by at most 12 fp32 ulps (relative error 6 * 2^-23 through three roundings), and h is
+// kept only when it lies over 64 ulps from a bf16 rounding midpoint with s = g / (1 + e) and h
+// normal and above 2^-100, or when g or u is zero (h = +-0 or NaN whatever e is).
+MOEFFI_HD float silu_h_of(float g, float u, float e) { return mul_rn(div_rn(g, add_rn(1.0f, e)), u); }
+
+MOEFFI_HD uint16_t silu_h_bf16(float h) { return h != h ? (uint16_t)0x7FC0u : f32_to_bf16(h); }
+
+#ifdef __CUDA_ARCH__
+__device__ __noinline__ uint16_t silu_mul_bf16_slow(float g, float u) {
+  return silu_h_bf16(silu_h_of(g, u, (float)exp(-(double)g)));
+}
+#endif
+
+MOEFFI_HD uint16_t silu_mul_bf16(float g, float u) {
+#ifdef __CUDA_ARCH__
+  const float e = expf(-g), s = div_rn(g, add_rn(1.0f, e)), h = mul_rn(s, u);
+  const uint32_t bs = (bits_of(s) >> 23) & 0xFFu, bh = (bits_of(h) >> 23) & 0xFFu;
+  const int mid = (int)(bits_of(h) & 0xFFFFu) - 0x8000;
+  const bool stable = (g > -80.0f && bs >= 27u && bs <= 254u && bh >= 27u && bh <= 254u && (mid > 64 || mid < -64)) ||
+                      ((g == 0.0f || u == 0.0f) && h == h);
+  return stable ? f32_to_bf16(h) : silu_mul_bf16_slow(g, u);
+#else
+  return silu_h_bf16(silu_h_of(g, u, (float)exp(-(double)g)));
+#endif
+}
+
+// PTX prmt.b32 (default mode): byte n of the result is byte (s >> 4n) & 7 of the 8 bytes {y:x},
+// or that byte's sign bit replicated over the byte when (s >> 4n) & 8. The host form follows the
+// PTX ISA text, for host checks.
+MOEFFI_HD uint32_t prmt(uint32_t x, uint32_t y, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(s));
+  return r;
+#else
+  const uint64_t in = (uint64_t)y << 32 | x;
+  uint32_t r = 0;
+  for (int n = 0; n < 4; n++) {
+    const uint32_t sel = (s >> (4 * n)) & 15u;
+    uint32_t b = (uint32_t)(in >> (8 * (sel & 7u))) & 0xFFu;
+    if (sel & 8u) b = b & 0x80u ? 0xFFu : 0u;
+    r |= b << (8 * n);
+  }
+  return r;
+#endif
+}
+
+// The sign bits of 8 bf16 (w_k holds elements 2k and 2k + 1, low half first) at bit 3 of each
+// nibble, element i's at bit 4i + 3: where e2m1 codes packed two per byte keep their signs.
+MOEFFI_HD uint32_t bf16x8_sign_nibbles(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  // p = signs of elements 0, 2, 1, 3 as 0x00 / 0xFF bytes; q = of 4, 6, 5, 7
+  const uint32_t p = prmt(w0, w1, 0xFBD9u), q = prmt(w2, w3, 0xFBD9u);
+  return (prmt(p, q, 0x5410u) & 0x08080808u) | (prmt(p, q, 0x7632u) & 0x80808080u);
+}
 
 // One 16-element NVFP4 block: x[16] bf16 -> out[8] e2m1 pairs (low nibble first); returns the e4m3
 // scale code.

@@ -4,7 +4,7 @@ import type { SymbolTable } from "./runtime.ts";
 
 export const ABI_VERSION = 1;
 
-export const OPS = ["fp8_moe", "fp8_scaled_mm", "topk_softmax", "nvfp4_experts_quant"] as const;
+export const OPS = ["fp8_moe", "fp8_scaled_mm", "topk_softmax", "nvfp4_experts_quant", "nvfp4_silu_quant"] as const;
 export type Op = typeof OPS[number];
 
 export const WEIGHT_SCALES = ["per-tensor", "per-channel", "block-128"] as const;

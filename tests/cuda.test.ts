@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { Context } from "../mod.ts";
 import { cudaDriver } from "../cuda/driver.ts";
 
-const CUDA_BACKENDS = ["fallback", "hopper_fp8"];
+const CUDA_BACKENDS = ["fallback", "hopper_fp8", "nvfp4"];
 const noGpu = "error" in cudaDriver();
 
 test("every CUDA backend loads and reports a CUDA manifest", () => {

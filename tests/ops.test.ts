@@ -3,7 +3,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Context, Fp8Linear, MoeLayer, nvfp4ExpertsQuant, nvfp4ScaleRows, tensor, toBf16, topkSoftmax } from "../mod.ts";
-import { fp8MoeRef, nvfp4QuantRef, scaledMmRef, topkSoftmaxRef } from "./reference64.ts";
+import { fp8MoeRef, nvfp4QuantRef, nvfp4SiluQuantRef, scaledMmRef, siluRows, topkSoftmaxRef } from "./reference64.ts";
+import { nvfp4SiluQuant } from "../core/ops.ts";
 import { compareBf16, dim16, firstDiff, fp8Weights, moeTensors, poisonedBf16, randomMoe, relativeL2, Rng, seed } from "./helpers.ts";
 import { ACT_SCALES, WEIGHT_SCALES } from "../ffi/abi.ts";
 import { weightScaleShape } from "../core/validate.ts";
@@ -102,6 +103,46 @@ test("nvfp4_experts_quant: 100 random problems are bit-exact, scales swizzled, p
     const ref = nvfp4QuantRef(x, offsets, gs, m, k, experts);
     assert.equal(firstDiff(packed.data, ref.packed), -1, `problem ${i} (E=${experts} M=${m} K=${k}): packed values`);
     assert.equal(firstDiff(scales.data, ref.scales), -1, `problem ${i} (E=${experts} M=${m} K=${k}): swizzled scales`);
+  }
+});
+
+// Random expert row counts (a third empty) for E experts, as row starts [E + 1].
+function randomOffsets(r: Rng, experts: number, sizes: number[]): Int32Array {
+  const offsets = new Int32Array(experts + 1);
+  for (let e = 0; e < experts; e++) offsets[e + 1] = offsets[e] + (r.next() < 0.3 ? 0 : r.int(0, r.pick(sizes)));
+  return offsets;
+}
+
+test("nvfp4_silu_quant: 40 random problems are bit-exact, and equal quantizing h itself", async () => {
+  const r = new Rng(SEED + 5);
+  const poisoned = (m: number, n: number, experts: number) => ({
+    packed: tensor("u8", [m, n / 2], new Uint8Array(m * n / 2).fill(0xa5)),
+    scales: tensor("u8", [nvfp4ScaleRows(m, experts), Math.ceil(n / 64) * 4], new Uint8Array(nvfp4ScaleRows(m, experts) * Math.ceil(n / 64) * 4).fill(0xa5)),
+  });
+  for (let i = 0; i < 40; i++) {
+    // problem 0 runs every finite bf16 value through the gate (the exp of each), against u = 1
+    const experts = i === 0 ? 3 : r.pick([1, 3, 16, 17, 60, 257, r.int(1, 300)]), n = i === 0 ? 256 : dim16(r, 192);
+    const offsets = i === 0 ? Int32Array.from([0, 100, 100, 256]) : randomOffsets(r, experts, [3, 40, 150]);
+    const m = offsets[experts];
+    const x = toBf16(r.values(m * 2 * n, 4));
+    if (i === 0) {
+      for (let row = 0, g = 0; row < m; row++) {
+        for (let c = 0; c < n; c++, g++) {
+          while ((g & 0x7f80) === 0x7f80) g++; // skip inf and NaN
+          x[row * 2 * n + c] = g & 0xffff, x[row * 2 * n + n + c] = 0x3f80;
+        }
+      }
+    }
+    const gs = Float32Array.from({ length: experts }, () => 448 * 6 / (20 * 2 ** (r.next() * 4 - 2)));
+    const off = tensor("i32", [experts + 1], offsets), g = tensor("f32", [experts], gs);
+    const fused = await nvfp4SiluQuant(tensor("bf16", [m, 2 * n], x), off, g, { context: ctx, ...poisoned(m, n, experts) });
+    const ref = nvfp4SiluQuantRef(x, offsets, gs, m, n, experts);
+    const what = `problem ${i} (E=${experts} M=${m} N=${n})`;
+    assert.equal(firstDiff(fused.packed.data, ref.packed), -1, `${what}: packed values`);
+    assert.equal(firstDiff(fused.scales.data, ref.scales), -1, `${what}: swizzled scales`);
+    const composed = await nvfp4ExpertsQuant(tensor("bf16", [m, n], siluRows(x, m, n)), off, g, { context: ctx, ...poisoned(m, n, experts) });
+    assert.equal(firstDiff(fused.packed.data, composed.packed.data), -1, `${what}: fused != silu then quant`);
+    assert.equal(firstDiff(fused.scales.data, composed.scales.data), -1, `${what}: fused scales != silu then quant`);
   }
 });
 

@@ -14,7 +14,7 @@ test("built-ins: the reference backend loads with its manifest and answers for t
   const ref = ctx.registry.backends.find((b) => b.name === "reference");
   assert.ok(ref, `reference not loaded; skipped: ${JSON.stringify(ctx.registry.skipped)}`);
   assert.equal(ref.manifest.device, "cpu");
-  assert.deepEqual(ref.manifest.ops, ["fp8_moe", "fp8_scaled_mm", "topk_softmax", "nvfp4_experts_quant"]);
+  assert.deepEqual(ref.manifest.ops, ["fp8_moe", "fp8_scaled_mm", "topk_softmax", "nvfp4_experts_quant", "nvfp4_silu_quant"]);
   assert.deepEqual(ref.manifest.batchInvariantOps, ref.manifest.ops);
   assert.ok(ref.builtin);
 });

@@ -1,7 +1,7 @@
 // Independent float64 reference of every moeffi op (test code: clear over fast).
 // The first activation quantization mirrors the fp32 steps with Math.fround, so it is bit-identical
 // to the backends; GEMMs, SiLU and the top-k combine are float64. nvfp4 is fully bit-exact.
-import { bf16ToF32, decodeE4m3, dynamicScale, encodeE2m1, encodeE4m3, fromBf16 } from "../core/dtypes.ts";
+import { bf16ToF32, decodeE4m3, dynamicScale, encodeE2m1, encodeE4m3, f32ToBf16, fromBf16 } from "../core/dtypes.ts";
 
 export type WeightScale = "per-tensor" | "per-channel" | "block-128";
 export type ActScale = "static-tensor" | "dynamic-tensor" | "dynamic-token" | "dynamic-group-128";
@@ -243,4 +243,35 @@ export function nvfp4QuantRef(
     bsOffset += cdiv(end - start, 128) * 128;
   }
   return { packed, scales };
+}
+
+/** h of nvfp4_silu_quant (moeffi.h) as bf16 bits: e = exp(-g) correctly rounded to fp32 (Math.exp is within
+ * an ulp of double, and exp(-g) of a bf16 g is 4 double ulps or more from every fp32 rounding midpoint), then
+ * each step rounded to fp32; a NaN h is the canonical 0x7FC0. */
+export function siluH(gate: number, up: number): number {
+  const g = bf16ToF32(gate), u = bf16ToF32(up);
+  const e = Math.fround(Math.exp(-g));
+  const h = Math.fround(Math.fround(g / Math.fround(1 + e)) * u);
+  return Number.isNaN(h) ? 0x7fc0 : f32ToBf16(h);
+}
+
+/** h bf16 [m, n] of x bf16 [m, 2n] (gate columns, then up). */
+export function siluRows(x: Uint16Array, m: number, n: number): Uint16Array {
+  const h = new Uint16Array(m * n);
+  for (let r = 0; r < m; r++) {
+    for (let c = 0; c < n; c++) h[r * n + c] = siluH(x[r * 2 * n + c], x[r * 2 * n + n + c]);
+  }
+  return h;
+}
+
+/** nvfp4_silu_quant: nvfp4QuantRef of h = siluRows(x), bit-exact. */
+export function nvfp4SiluQuantRef(
+  x: Uint16Array,
+  offsets: Int32Array,
+  globalScale: Float32Array,
+  m: number,
+  n: number,
+  experts: number,
+): { packed: Uint8Array; scales: Uint8Array } {
+  return nvfp4QuantRef(siluRows(x, m, n), offsets, globalScale, m, n, experts);
 }

@@ -4,6 +4,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ArgumentError, Context, Fp8Linear, MoeLayer, nvfp4ExpertsQuant, tensor, topkSoftmax } from "../mod.ts";
 import { moeTensors, randomMoe, Rng } from "./helpers.ts";
+import { nvfp4SiluQuant } from "../core/ops.ts";
 
 const ctx = new Context({ device: "cpu", backend: "reference" });
 const c = randomMoe(new Rng(7), { experts: 4, topk: 2, m: 3, k: 32, n: 16, weightScale: "per-channel", actScale: "dynamic-token" });
@@ -95,6 +96,14 @@ test("nvfp4_experts_quant: K % 16, offsets from 0 to M non-decreasing, positive 
   await rejects(() => nvfp4ExpertsQuant(x, tensor("i32", [3], [0, 2, 4]), gs, { context: ctx }), "expertOffsets", /element 2 is 4, not 5/);
   await rejects(() => nvfp4ExpertsQuant(x, tensor("i32", [2], [0, 5]), gs, { context: ctx }), "expertOffsets", /i32 \[3\]/);
   await rejects(() => nvfp4ExpertsQuant(x, tensor("i32", [3], [0, 2, 5]), tensor("f32", [2], [1, 0]), { context: ctx }), "globalScale", /element 1 is 0/);
+});
+
+test("nvfp4_silu_quant: x [M, 2N] with N % 16 == 0, the offsets and scales as nvfp4_experts_quant", async () => {
+  const gs = tensor("f32", [2], [1, 1]), off = tensor("i32", [3], [0, 2, 5]);
+  await rejects(() => nvfp4SiluQuant(tensor("bf16", [5, 48]), off, gs, { context: ctx }), "x.shape[1] / 2", /multiple of 16.*got 24/);
+  await rejects(() => nvfp4SiluQuant(tensor("bf16", [5, 64]), tensor("i32", [3], [0, 3, 2]), gs, { context: ctx }), "expertOffsets", /element 2 is 2 < 3/);
+  await rejects(() => nvfp4SiluQuant(tensor("bf16", [5, 64]), off, gs, { context: ctx, packed: tensor("u8", [5, 32]) }), "packed", /u8 \[5, 16\]/);
+  await rejects(() => nvfp4SiluQuant(tensor("bf16", [5, 64]), off, tensor("f32", [2], [1, NaN]), { context: ctx }), "globalScale", /element 1 is NaN/);
 });
 
 test("a layer used before load or after dispose raises", async () => {

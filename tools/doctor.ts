@@ -46,6 +46,7 @@ export function presetProblems(p: Preset, m = DOCTOR_M): Record<Op, ProblemSpec>
     fp8_scaled_mm: { op: "fp8_scaled_mm", m, k: p.k, n: p.n, ...scales },
     topk_softmax: { op: "topk_softmax", m, experts: p.experts, topk: p.topk },
     nvfp4_experts_quant: { op: "nvfp4_experts_quant", m, k: p.k, experts: p.experts },
+    nvfp4_silu_quant: { op: "nvfp4_silu_quant", m, n: p.n, experts: p.experts },
   };
 }
 

@@ -48,6 +48,7 @@ int32_t check_problem(const moeffi_problem *p, char *msg, uint32_t cap) {
   if (!p) FAIL(MOEFFI_INVALID, "problem is NULL");
   if (p->size < sizeof(moeffi_problem)) FAIL(MOEFFI_INVALID, "problem struct too small");
   if (p->op >= MOEFFI_OP_COUNT) FAIL(MOEFFI_UNSUPPORTED, "unknown op %u", p->op);
+  if (p->op == MOEFFI_OP_NVFP4_SILU_QUANT) FAIL(MOEFFI_UNSUPPORTED, "the fallback does not implement nvfp4_silu_quant");
   if (p->device == MOEFFI_DEVICE_CPU) FAIL(MOEFFI_UNSUPPORTED, "fallback runs on CUDA; tensors are on the CPU");
   if (p->device != MOEFFI_DEVICE_CUDA) FAIL(MOEFFI_UNSUPPORTED, "unknown device %u", p->device);
   // Without a driver the static runtime answers cudaErrorInsufficientDriver or cudaErrorNoDevice.
@@ -507,7 +508,8 @@ MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
   strcpy(out->version, "0.1.0");
   strcpy(out->archs, "sm_80+");
   out->device = MOEFFI_DEVICE_CUDA;
-  out->ops = (1u << MOEFFI_OP_COUNT) - 1;
+  out->ops = (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM) | (1u << MOEFFI_OP_TOPK_SOFTMAX) |
+             (1u << MOEFFI_OP_NVFP4_EXPERTS_QUANT); // not nvfp4_silu_quant (backends/nvfp4 has it)
   out->weight_scales = (1u << MOEFFI_W_PER_TENSOR) | (1u << MOEFFI_W_PER_CHANNEL) | (1u << MOEFFI_W_BLOCK_128);
   out->act_scales = (1u << MOEFFI_A_STATIC_TENSOR) | (1u << MOEFFI_A_DYNAMIC_TENSOR) | (1u << MOEFFI_A_DYNAMIC_TOKEN) |
                     (1u << MOEFFI_A_DYNAMIC_GROUP_128);

@@ -144,15 +144,17 @@ static int32_t check_dims(const moeffi_problem *p, char *msg, uint32_t cap) {
   const char *names[] = {"m", "n", "k", "experts", "topk"};
   for (int i = 0; i < 5; i++)
     if (d[i] < 0 || d[i] > INT32_MAX) FAIL(MOEFFI_INVALID, "%s = %lld is out of range", names[i], (long long)d[i]);
-  int need_n = is_fp8(p->op), need_e = p->op != MOEFFI_OP_FP8_SCALED_MM;
+  int need_n = is_fp8(p->op) || p->op == MOEFFI_OP_NVFP4_SILU_QUANT, need_e = p->op != MOEFFI_OP_FP8_SCALED_MM;
   int need_topk = p->op == MOEFFI_OP_FP8_MOE || p->op == MOEFFI_OP_TOPK_SOFTMAX;
-  int need_k = p->op != MOEFFI_OP_TOPK_SOFTMAX;
+  int need_k = p->op != MOEFFI_OP_TOPK_SOFTMAX && p->op != MOEFFI_OP_NVFP4_SILU_QUANT;
   if ((need_n && p->n == 0) || (need_k && p->k == 0) || (need_e && p->experts == 0) || (need_topk && p->topk == 0))
     FAIL(MOEFFI_INVALID, "a dimension of op %u is zero", p->op);
   if (p->op == MOEFFI_OP_TOPK_SOFTMAX && p->topk > p->experts)
     FAIL(MOEFFI_INVALID, "topk = %lld exceeds experts = %lld", (long long)p->topk, (long long)p->experts);
   if (p->op == MOEFFI_OP_NVFP4_EXPERTS_QUANT && p->k % 16)
     FAIL(MOEFFI_INVALID, "k = %lld is not a multiple of 16", (long long)p->k);
+  if (p->op == MOEFFI_OP_NVFP4_SILU_QUANT && p->n % 16)
+    FAIL(MOEFFI_INVALID, "n = %lld is not a multiple of 16", (long long)p->n);
   return MOEFFI_OK;
 }
 
@@ -543,11 +545,21 @@ static inline int64_t swizzled(int64_t expert_base, int64_t ktiles, int64_t i, i
   return expert_base * ktiles * 4 + ((i / 128) * ktiles + c / 4) * 512 + (i % 32) * 16 + ((i % 128) / 32) * 4 + c % 4;
 }
 
-static int32_t run_nvfp4(const moeffi_problem *p, const moeffi_tensors *t, char *msg, uint32_t cap) {
-  const int64_t M = p->m, K = p->k, E = p->experts, ktiles = ceil_div(K, 64);
+/* h of nvfp4_silu_quant (moeffi.h): e = exp(-g) correctly rounded to fp32, which exp() in double
+ * rounded once is for every bf16 g (its exact value is at least 4 double ulps from each fp32
+ * rounding midpoint: tests/nvfp4_numerics_check.cu), then fp32 steps; NaN -> the canonical bf16 NaN. */
+static inline float silu_h(uint16_t gate, uint16_t up) {
+  const float g = bf16_to_f32(gate), u = bf16_to_f32(up), e = (float)exp(-(double)g);
+  const float h = (g / (1.0f + e)) * u;
+  return h != h ? bf16_to_f32(0x7FC0u) : bf16_to_f32(f32_to_bf16(h));
+}
+
+/* nvfp4_experts_quant of x [M, K] (silu = 0), or of h [M, N] from x [M, 2N] (silu = 1, cols = N). */
+static int32_t run_nvfp4(const moeffi_problem *p, const moeffi_tensors *t, int silu, char *msg, uint32_t cap) {
+  const int64_t M = p->m, K = silu ? p->n : p->k, E = p->experts, ktiles = ceil_div(K, 64), in_cols = silu ? 2 * K : K;
   const uint64_t aux_bytes = mul_sat((uint64_t)(M + 127 * E), (uint64_t)ktiles * 4);
   int32_t st;
-  if ((st = need(t->x, (uint64_t)(M * K), "x", msg, cap)) || (st = need(t->out, (uint64_t)(M * K / 2), "out", msg, cap)) ||
+  if ((st = need(t->x, (uint64_t)(M * in_cols), "x", msg, cap)) || (st = need(t->out, (uint64_t)(M * K / 2), "out", msg, cap)) ||
       (st = need(t->out_aux, aux_bytes, "out_aux", msg, cap)) ||
       (st = need(t->expert_offsets, (uint64_t)E + 1, "expert_offsets", msg, cap)) ||
       (st = need(t->global_scale, (uint64_t)E, "global_scale", msg, cap)))
@@ -575,7 +587,10 @@ static int32_t run_nvfp4(const moeffi_problem *p, const moeffi_tensors *t, char 
       const int64_t r = off[e] + i;
       for (int64_t c = 0; c < K / 16; c++) {
         float v[16];
-        for (int k = 0; k < 16; k++) v[k] = bf16_to_f32(x[r * K + c * 16 + k]);
+        for (int k = 0; k < 16; k++) {
+          const int64_t at = r * in_cols + c * 16 + k;
+          v[k] = silu ? silu_h(x[at], x[at + K]) : bf16_to_f32(x[at]);
+        }
         const uint8_t code = f32_to_e4m3(gs * (amax_of(v, 16) / 6.0f));
         const float sfv = e4m3_table[code], out_scale = sfv != 0.0f ? 1.0f / (sfv * (1.0f / gs)) : 0.0f;
         for (int k = 0; k < 16; k += 2)
@@ -639,7 +654,7 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   if (!handle) FAIL(MOEFFI_INVALID, "handle is NULL");
   *handle = NULL;
   if ((st = check_all(problem, msg, cap))) return st;
-  if (!is_fp8(problem->op)) return MOEFFI_OK; /* topk_softmax and nvfp4 have no weights */
+  if (!is_fp8(problem->op)) return MOEFFI_OK; /* topk_softmax and the nvfp4 ops have no weights */
   if (!weights || weights->size < sizeof(moeffi_weights)) FAIL(MOEFFI_INVALID, "weights struct too small");
   const int moe = problem->op == MOEFFI_OP_FP8_MOE;
   if (!weights->w13 || !weights->w13_scale || (moe && (!weights->w2 || !weights->w2_scale)))
@@ -692,6 +707,6 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
   case MOEFFI_OP_TOPK_SOFTMAX:
     return run_topk_softmax(problem, tensors, msg, cap);
   default:
-    return run_nvfp4(problem, tensors, msg, cap);
+    return run_nvfp4(problem, tensors, problem->op == MOEFFI_OP_NVFP4_SILU_QUANT, msg, cap);
   }
 }

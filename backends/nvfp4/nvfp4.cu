@@ -1,0 +1,731 @@
+// nvfp4.cu: the fast NVFP4 backend of moeffi (sm_80+): nvfp4_experts_quant and nvfp4_silu_quant
+// (moe.md section 4, moeffi.h), the same bytes as backends/reference/reference.c.
+//
+// One kernel per call (two above 4096 experts), no host synchronization. A grid-stride loop over
+// items of 8 elements: one 16-byte load per item, loaded a loop trip ahead; the two items of a
+// 16-element block sit on adjacent lanes, which share the block amax with one shuffle, and with two
+// items per lane per trip the even lane computes one block's scale and the odd lane the other's.
+// Each block checks the expert offsets and builds the 128-row-rounded block-scale offsets itself: in
+// registers for E <= 32 (lane e holds expert e; a 5-step shuffle binary search finds an item's
+// expert), in shared memory up to 4096 experts (binary search there), and beyond that a one-block
+// planning kernel writes them to the workspace (binary search in global memory). A thread's rows
+// only grow, so it searches again only when it leaves its expert. Every search reads offsets [0, E]
+// only and ends on the expert owning the row. The scale buffer is written once, by the same kernel:
+// real scales by the items, then the padding rows of each expert's last 128-row tile, the padding
+// columns and the unused tail, with no memset pass. The E2M1, E4M3 and SiLU arithmetic comes from
+// cuda/numerics.cuh (software on every architecture, bit-exact with the reference).
+// Design, measurements and the sm_100 caveat: backends/nvfp4/NOTES.md.
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+
+#include "check.cuh"
+#include "moeffi.h"
+#include "numerics.cuh"
+
+#if defined(__USE_FAST_MATH__)
+#error "nvfp4.cu relies on CUDA's expf erring by 2 ulp at most (numerics.cuh silu_mul_bf16): build without --use_fast_math"
+#endif
+
+using namespace moeffi;
+
+MOEFFI_DEFINE_LAYOUT()
+
+namespace {
+
+constexpr int REG_MAX_E = 32;    // register lookup: one expert per lane
+constexpr int SMEM_MAX_E = 4096; // shared-memory lookup: offsets and bases in 32 KiB
+constexpr int THREADS = 256;     // block size of large problems; small ones go down to 64
+constexpr int MIN_THREADS = 64;
+constexpr int PLAN_THREADS = 1024;
+// Items per thread per loop trip, loaded one trip ahead: 32 bytes in flight per thread either way.
+template <bool SILU> __host__ __device__ constexpr int items_per_trip() { return SILU ? 1 : 2; }
+constexpr unsigned FULL = 0xFFFFFFFFu;
+constexpr int64_t MAX_UNITS = INT32_MAX; // zeroing units and scale bytes are indexed in int32 pieces
+constexpr int64_t MAX_ROWS = (int64_t)1 << 30; // m + 127 E: rows stay int32 past M by a grid stride
+
+enum Lookup { REG = 0, SMEM = 1, GLOBAL = 2 };
+
+// Benchmark-only variants (moeffi_nvfp4_variant_run); 0 is what moeffi_run does.
+enum Variant { AUTO = 0, PLAIN = 1, FORCE_SMEM = 2, FORCE_GLOBAL = 3, MEMSET = 4 };
+
+#define FAIL(status, ...)              \
+  do {                                 \
+    moeffi_say(msg, cap, __VA_ARGS__); \
+    return (status);                   \
+  } while (0)
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+bool is_nvfp4(uint32_t op) { return op == MOEFFI_OP_NVFP4_EXPERTS_QUANT || op == MOEFFI_OP_NVFP4_SILU_QUANT; }
+
+// ---- the problem as the kernels see it ----
+
+struct Args {
+  const uint16_t *x;     // bf16 [M, cols] (quant) or [M, 2 * cols] (silu: gate, then up)
+  const int32_t *off;    // [E + 1]
+  const float *gscale;   // [E]
+  uint8_t *out;          // [M, cols / 2]
+  uint8_t *sf;           // swizzled scales, sf_bytes
+  uint32_t *error_flags; // may be NULL
+  int *ws_ok, *ws_base;  // GLOBAL lookup: offsets-valid word, first scale row of each expert [E + 1]
+  int E, ktiles, ipr;    // experts, ceil(cols / 64), items per row = cols / 8
+  int64_t M, cols, items, sf_bytes;
+};
+
+// ---- small device helpers ----
+
+__device__ __forceinline__ int round128(int rows) { return (rows + 127) & ~127; }
+
+__device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int t = __shfl_up_sync(FULL, v, o);
+    if (lane >= o) v += t;
+  }
+  return v;
+}
+
+// Exclusive prefix sum over the block (blockDim.x a multiple of 32, at most 1024); *total = the sum.
+__device__ int block_exclusive_scan(int v, int *total) {
+  __shared__ int warp_sums[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int incl = warp_inclusive_scan(v, lane);
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int s = lane < warps ? warp_sums[lane] : 0;
+    warp_sums[lane] = warp_inclusive_scan(s, lane);
+  }
+  __syncthreads();
+  *total = warp_sums[warps - 1];
+  const int r = incl - v + (warp > 0 ? warp_sums[warp - 1] : 0);
+  __syncthreads(); // warp_sums may be reused
+  return r;
+}
+
+// Whether off[0..E] runs from 0 to M without decreasing (every thread of the block gets the answer);
+// then base[e] = the first scale row of expert e for e <= E (base[E] = the rows of all experts).
+// Each thread owns a contiguous run of experts. off and base may be shared or global memory.
+__device__ bool plan_block(const int32_t *off, int E, int64_t M, int *base) {
+  bool bad = threadIdx.x == 0 && (off[0] != 0 || off[E] != M);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) bad |= off[e + 1] < off[e];
+  if (__syncthreads_or(bad)) return false;
+  const int seg = (E + blockDim.x - 1) / blockDim.x;
+  const int lo = (int)min((int64_t)E, (int64_t)threadIdx.x * seg), hi = min(E, lo + seg);
+  int sum = 0; // valid offsets: every partial sum is at most M + 127 E, which supported() keeps in int
+  for (int e = lo; e < hi; e++) sum += round128(off[e + 1] - off[e]);
+  int total;
+  int b = block_exclusive_scan(sum, &total);
+  for (int e = lo; e < hi; e++) {
+    base[e] = b;
+    b += round128(off[e + 1] - off[e]);
+  }
+  if (threadIdx.x == 0) base[E] = total;
+  return true;
+}
+
+// What an item needs of its expert: its rows [row0, end), first scale row, global scale and 1/gs.
+struct Expert {
+  int row0, end, base;
+  float gs, inv_gs;
+};
+constexpr Expert NO_EXPERT = {0, -1, 0, 1.0f, 1.0f}; // ends before every row: the next item looks up
+
+// One expert per lane (E <= 32): every warp loads the offsets and scans them itself.
+struct RegLookup {
+  int lo, hi, base, total;
+  float gs, inv_gs;
+  bool ok;
+  int E;
+  __device__ void setup(const Args &a) {
+    const int lane = threadIdx.x & 31;
+    E = a.E;
+    lo = hi = (int)a.M; // lanes past E: empty experts at the end, never chosen
+    gs = 1.0f;
+    if (lane < E) lo = a.off[lane], hi = a.off[lane + 1], gs = a.gscale[lane];
+    const bool bad = lane < E && (hi < lo || (lane == 0 && lo != 0) || (lane == E - 1 && hi != a.M));
+    ok = !__any_sync(FULL, bad);
+    const int rows = ok ? round128(hi - lo) : 0;
+    const int incl = warp_inclusive_scan(rows, lane);
+    base = incl - rows;
+    total = __shfl_sync(FULL, incl, 31);
+    inv_gs = div_rn(1.0f, gs);
+  }
+  // The lane's expert for row r (r < M): a binary search over the lanes' first rows, in 5 shuffles.
+  // Every lane of the warp calls it, and only when one of them left its expert's rows.
+  __device__ __forceinline__ void update(Expert &ex, bool valid, int r) const {
+    if (!__any_sync(FULL, valid && r >= ex.end)) return;
+    int e = 0;
+#pragma unroll
+    for (int s = 16; s; s >>= 1) {
+      const int c = e + s, start = __shfl_sync(FULL, lo, c);
+      if (c < E && start <= r) e = c;
+    }
+    ex = {__shfl_sync(FULL, lo, e), __shfl_sync(FULL, hi, e), __shfl_sync(FULL, base, e), __shfl_sync(FULL, gs, e),
+          __shfl_sync(FULL, inv_gs, e)};
+  }
+  // Rows of expert e (every lane calls it) and its first scale row.
+  __device__ __forceinline__ void rows_of(int e, int &rows, int &first) const {
+    rows = __shfl_sync(FULL, hi - lo, e & 31);
+    first = __shfl_sync(FULL, base, e & 31);
+  }
+};
+
+// The expert e in [lo, E) with off[e] <= r < off[e + 1], given off[lo] <= r < off[E]: a binary
+// search reading off[lo + 1 .. E - 1] only.
+__device__ __forceinline__ int search(const int32_t *off, int lo, int E, int r) {
+  int hi = E;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (off[mid] <= r) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// Offsets and bases in shared memory (SMEM) or in global memory and the workspace (GLOBAL). A
+// thread's rows only grow, so after the first binary search it looks at the next expert first.
+struct TableLookup {
+  const int32_t *off;
+  const int *base;
+  const float *gscale;
+  int E, total;
+  __device__ __forceinline__ void update(Expert &ex, int &e, bool valid, int r) const {
+    if (!valid || r < ex.end) return;
+    if (ex.end < 0) e = search(off, 0, E, r);                // first lookup
+    else if (e + 2 <= E && r < off[e + 2]) e = e + 1;        // the next expert (or the one after
+    else e = search(off, min(e + 1, E - 1), E, r);           // empty ones: searched)
+    const float gs = gscale[e];
+    ex = {off[e], off[e + 1], base[e], gs, div_rn(1.0f, gs)};
+  }
+  __device__ __forceinline__ void rows_of(int e, int &rows, int &first) const {
+    rows = off[e + 1] - off[e];
+    first = base[e];
+  }
+};
+
+// ---- the items ----
+
+template <bool SILU> struct Raw {
+  uint4 v[SILU ? 2 : 1];
+};
+
+// Item (row r, 8-element column group j): x, or the gate and up halves of the silu input.
+template <bool SILU> __device__ __forceinline__ Raw<SILU> load_item(const Args &a, int r, int j) {
+  Raw<SILU> raw;
+  const uint4 *row = (const uint4 *)a.x + (int64_t)r * (SILU ? 2 * a.ipr : a.ipr);
+  raw.v[0] = __ldcs(row + j);
+  if (SILU) raw.v[SILU ? 1 : 0] = __ldcs(row + a.ipr + j);
+  return raw;
+}
+
+// Position of an item: row r, 8-element group j (item index r * ipr + j).
+struct Pos {
+  int r, j;
+};
+
+__device__ __forceinline__ void unpack8(const uint4 &w, float (&v)[8]) {
+  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int k = 0; k < 4; k++) v[2 * k] = float_of(u[k] << 16), v[2 * k + 1] = float_of(u[k] & 0xFFFF0000u);
+}
+
+// nvfp4_scale_offset (numerics.cuh) in 32-bit pieces: expert base and row-in-expert i give the
+// tile row base + (i & ~127), whose tiles start at that times ktiles * 4 bytes.
+__device__ __forceinline__ int64_t scale_byte(int base, int ktiles, uint32_t i, uint32_t c) {
+  return (int64_t)(base + (int)(i & ~127u)) * (ktiles * 4) + ((int64_t)(c >> 2) << 9) +
+         (((i & 31u) << 4) | (((i >> 5) & 3u) << 2) | (c & 3u));
+}
+
+// The 8 bf16 an item quantizes: x, or h = silu(gate) * up (numerics.cuh), and their values.
+template <bool SILU> __device__ __forceinline__ uint4 item_values(const Raw<SILU> &raw, float (&v)[8]) {
+  uint4 h = raw.v[0];
+  if (SILU) {
+    float g[8], u[8];
+    unpack8(raw.v[0], g);
+    unpack8(raw.v[SILU ? 1 : 0], u);
+    uint32_t hw[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      hw[k] = (uint32_t)silu_mul_bf16(g[2 * k], u[2 * k]) | ((uint32_t)silu_mul_bf16(g[2 * k + 1], u[2 * k + 1]) << 16);
+    h = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+  }
+  unpack8(h, v);
+  return h;
+}
+
+// The block amax from this lane's 8 values and its pair lane's (every lane calls it).
+__device__ __forceinline__ float pair_amax(const float (&v)[8]) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 8; k++) amax = amax_step(amax, v[k]);
+  return fmaxf(amax, __shfl_xor_sync(FULL, amax, 1)); // neither is NaN: the order does not matter
+}
+
+// e4m3(gs * (amax / 6)) and the e2m1 scale 1 / (sf / gs) (moe.md section 4); amax is a bf16 value,
+// so div6_bf16 is the IEEE division, and __frcp_rn is the IEEE 1 / x.
+__device__ __forceinline__ uint8_t block_scale(float amax, const Expert &ex, float &scale) {
+  float sf;
+  const uint8_t code = f32_to_e4m3_value(mul_rn(ex.gs, div6_bf16(amax)), &sf);
+  scale = sf != 0.0f ? __frcp_rn(mul_rn(sf, ex.inv_gs)) : 0.0f;
+  return code;
+}
+
+// Packs and stores the 8 codes of item `it`: e2m1(|v| * scale) with v's own sign, which is the
+// reference's e2m1(v * scale) for every v, NaN included, since scale is +0 or positive
+// (scale_value in numerics.cuh says why a NaN's sign needs care).
+__device__ __forceinline__ void store_codes(const Args &a, Pos p, const uint4 &h, const float (&v)[8], float scale) {
+  uint32_t packed = bf16x8_sign_nibbles(h.x, h.y, h.z, h.w);
+#pragma unroll
+  for (int k = 0; k < 8; k++) packed |= e2m1_magnitude(mul_rn(v[k], scale)) << (4 * k);
+  __stcs((unsigned int *)a.out + ((int64_t)p.r * a.ipr + p.j), packed);
+}
+
+// Stores the scale of block (r, c = j / 2) and, after the row's last block, zeros its padding
+// columns (the rest of the same 4-byte word).
+__device__ __forceinline__ void store_scale(const Args &a, const Expert &ex, Pos p, uint8_t code) {
+  const uint32_t c = (uint32_t)p.j >> 1, cols16 = (uint32_t)(a.cols >> 4);
+  uint8_t *s = a.sf + scale_byte(ex.base, a.ktiles, (uint32_t)(p.r - ex.row0), c);
+  s[0] = code;
+  if (c == cols16 - 1)
+    for (uint32_t q = 1; q <= 3 - (c & 3); q++) s[q] = 0;
+}
+
+// One item per lane (the silu op, the plain kernel): both lanes of a pair compute the block scale;
+// the even one stores it. Every lane of the warp calls it; only valid ones write.
+template <bool SILU>
+__device__ __forceinline__ void quant_item(const Args &a, bool valid, Pos p, const Raw<SILU> &raw, const Expert &ex) {
+  float v[8];
+  const uint4 h = item_values<SILU>(raw, v);
+  const float amax = pair_amax(v);
+  if (!valid) return;
+  float scale;
+  const uint8_t code = block_scale(amax, ex, scale);
+  store_codes(a, p, h, v, scale);
+  if (!(p.j & 1)) store_scale(a, ex, p, code);
+}
+
+// Two items per lane (streams 0 and 1): the pair holds two blocks, the even lane computes block 0's
+// scale and the odd lane block 1's, and they swap them with one shuffle. Every lane calls it.
+__device__ __forceinline__ void quant_two(const Args &a, const bool (&valid)[2], const Pos (&p)[2],
+                                          const Raw<false> (&raw)[2], const Expert (&ex)[2]) {
+  float v0[8], v1[8];
+  const uint4 h0 = item_values<false>(raw[0], v0), h1 = item_values<false>(raw[1], v1);
+  const float amax0 = pair_amax(v0), amax1 = pair_amax(v1);
+  const bool odd = threadIdx.x & 1;
+  const Expert mine = {odd ? ex[1].row0 : ex[0].row0, 0, odd ? ex[1].base : ex[0].base, odd ? ex[1].gs : ex[0].gs,
+                       odd ? ex[1].inv_gs : ex[0].inv_gs}; // field by field: no local-memory copy
+  float scale;
+  const uint8_t code = block_scale(odd ? amax1 : amax0, mine, scale);
+  const float other = __shfl_xor_sync(FULL, scale, 1);
+  if (valid[0]) store_codes(a, p[0], h0, v0, odd ? other : scale);
+  if (valid[1]) store_codes(a, p[1], h1, v1, odd ? scale : other);
+  if (odd ? valid[1] : valid[0]) store_scale(a, mine, {odd ? p[1].r : p[0].r, odd ? p[1].j : p[0].j}, code);
+}
+
+// ---- zeroing: padding rows of each expert's last 128-row tile, then the unused tail ----
+
+// Unit u < E * ktiles * 32: one 16-byte line (rows l, l+32, l+64, l+96 of 4 scale columns) of
+// expert u / (ktiles * 32)'s last row tile, zeroed where its rows are padding. Then 16-byte units of
+// [tail, sf_bytes), and up to 3 words at its end. `tail` is the first scale row after every
+// expert's tiles (times the row bytes).
+template <class L> __device__ __forceinline__ void zero_unit(const Args &a, const L &lk, bool ok, int64_t u, int64_t units) {
+  const bool valid = u < units;
+  const int64_t per_e = (int64_t)a.ktiles * 32, np = ok ? a.E * per_e : 0;
+  int e = valid && u < np ? (int)(u / per_e) : 0, rows, first;
+  lk.rows_of(e, rows, first); // every lane (REG: shuffles)
+  if (!valid) return;
+  if (u < np) {
+    const int rem = rows & 127;
+    if (rem == 0) return;
+    const int64_t rest = u - e * per_e;
+    const int kt = (int)(rest >> 5), line = (int)(rest & 31);
+    uint8_t *p = a.sf + ((int64_t)(first + round128(rows) - 128) * a.ktiles * 4 + (int64_t)kt * 512 + line * 16);
+    if (line >= rem) {
+      *(uint4 *)p = make_uint4(0, 0, 0, 0);
+    } else {
+#pragma unroll
+      for (int g = 1; g < 4; g++)
+        if (line + 32 * g >= rem) *(uint32_t *)(p + 4 * g) = 0;
+    }
+    return;
+  }
+  const int64_t tail = ok ? (int64_t)lk.total * a.ktiles * 4 : 0, n16 = (a.sf_bytes - tail) >> 4;
+  const int64_t t = u - np;
+  if (t < n16) *(uint4 *)(a.sf + tail + t * 16) = make_uint4(0, 0, 0, 0);
+  else *(uint32_t *)(a.sf + tail + n16 * 16 + (t - n16) * 4) = 0;
+}
+
+// Units for zero_unit: E * ktiles * 32 lines, then the tail in 16-byte pieces and up to 3 words.
+// The tail is at most the whole buffer (invalid offsets): counting it whole is an upper bound.
+__host__ __device__ int64_t zero_units(int E, int ktiles, int64_t sf_bytes) {
+  return (int64_t)E * ktiles * 32 + (sf_bytes >> 4) + 3;
+}
+
+__device__ __forceinline__ int64_t tail_units(const Args &a, bool ok, int total) {
+  const int64_t tail = ok ? (int64_t)total * a.ktiles * 4 : 0;
+  return (ok ? (int64_t)a.E * a.ktiles * 32 : 0) + ((a.sf_bytes - tail) >> 4) + (((a.sf_bytes - tail) & 15) >> 2);
+}
+
+// ---- the fast kernel ----
+
+template <int LOOKUP, bool SILU> static __global__ void __launch_bounds__(THREADS, 4) nvfp4_kernel(const Args a) {
+  constexpr int U = items_per_trip<SILU>();
+  extern __shared__ int smem[];
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  const int64_t warp_first = (int64_t)blockIdx.x * blockDim.x + (threadIdx.x & ~31);
+  // This lane's items: row and group of item warp_first + lane + t * stride at trip t / U, stream
+  // t % U, advanced by stride without dividing. A position is valid while its row is below M.
+  const int stride_r = (int)(stride / a.ipr), stride_j = (int)(stride % a.ipr);
+  Pos at = {(int)((warp_first + lane) / a.ipr), (int)((warp_first + lane) % a.ipr)};
+  auto advance = [&](Pos &q) {
+    q.r += stride_r, q.j += stride_j;
+    if (q.j >= a.ipr) q.j -= a.ipr, q.r++;
+  };
+  // The first trip's loads go out before the offsets are read, so their latencies overlap.
+  Pos pos[U];
+  Raw<SILU> raw[U];
+#pragma unroll
+  for (int s = 0; s < U; s++) {
+    pos[s] = at;
+    if (at.r < a.M) raw[s] = load_item<SILU>(a, at.r, at.j);
+    advance(at);
+  }
+
+  RegLookup reg;
+  TableLookup tab;
+  bool ok;
+  int total;
+  if (LOOKUP == REG) {
+    reg.setup(a);
+    ok = reg.ok, total = reg.total;
+  } else {
+    if (LOOKUP == SMEM) {
+      int *s_off = smem, *s_base = smem + a.E + 1;
+      for (int e = threadIdx.x; e <= a.E; e += blockDim.x) s_off[e] = a.off[e];
+      __syncthreads();
+      ok = plan_block(s_off, a.E, a.M, s_base);
+      __syncthreads(); // s_base complete
+      tab.off = s_off, tab.base = s_base;
+    } else {
+      ok = *a.ws_ok != 0;
+      tab.off = a.off, tab.base = a.ws_base;
+    }
+    tab.gscale = a.gscale, tab.E = a.E;
+    total = ok ? tab.base[a.E] : 0;
+    tab.total = total;
+  }
+  if (LOOKUP != GLOBAL && !ok && blockIdx.x == 0 && threadIdx.x == 0 && a.error_flags)
+    atomicOr(a.error_flags, MOEFFI_ERROR_EXPERT_OFFSETS);
+
+  if (ok) {
+    Expert ex[U];
+    int ei[U];
+#pragma unroll
+    for (int s = 0; s < U; s++) ex[s] = NO_EXPERT, ei[s] = 0;
+    for (int64_t w = warp_first; w < a.items; w += U * stride) {
+      Raw<SILU> next[U];
+      Pos npos[U];
+#pragma unroll
+      for (int s = 0; s < U; s++) { // the next trip's loads
+        npos[s] = at;
+        if (at.r < a.M) next[s] = load_item<SILU>(a, at.r, at.j);
+        advance(at);
+      }
+      bool valid[U];
+#pragma unroll
+      for (int s = 0; s < U; s++) {
+        valid[s] = pos[s].r < a.M;
+        if (LOOKUP == REG) reg.update(ex[s], valid[s], pos[s].r);
+        else tab.update(ex[s], ei[s], valid[s], pos[s].r);
+      }
+      if constexpr (U == 2) quant_two(a, valid, pos, raw, ex);
+      else quant_item<SILU>(a, valid[0], pos[0], raw[0], ex[0]);
+#pragma unroll
+      for (int s = 0; s < U; s++) raw[s] = next[s], pos[s] = npos[s];
+    }
+  }
+
+  // Padding and tail of the scale buffer (all of it when the offsets are invalid).
+  const int64_t units = tail_units(a, ok, total);
+  for (int64_t w = warp_first; w < units; w += stride) {
+    if (LOOKUP == REG) zero_unit(a, reg, ok, w + lane, units);
+    else zero_unit(a, tab, ok, w + lane, units);
+  }
+}
+
+// One block: checks the offsets into *ws_ok (raising the flag when bad) and writes ws_base[0..E].
+static __global__ void __launch_bounds__(PLAN_THREADS) nvfp4_plan_kernel(const Args a) {
+  const bool ok = plan_block(a.off, a.E, a.M, a.ws_base);
+  if (threadIdx.x == 0) {
+    *a.ws_ok = ok;
+    if (!ok && a.error_flags) atomicOr(a.error_flags, MOEFFI_ERROR_EXPERT_OFFSETS);
+  }
+}
+
+// ---- the plain variant (benchmark baseline): one row per block, after a memset and a plan ----
+
+template <bool SILU> static __global__ void __launch_bounds__(1024) nvfp4_plain_kernel(const Args a) {
+  if (!*a.ws_ok) return;
+  const int r = blockIdx.x;
+  for (int j0 = 0; j0 < a.ipr; j0 += blockDim.x) {
+    const Pos p = {r, j0 + (int)threadIdx.x};
+    const bool valid = p.j < a.ipr;
+    Raw<SILU> raw = {};
+    Expert ex = NO_EXPERT;
+    if (valid) {
+      raw = load_item<SILU>(a, p.r, p.j);
+      const int e = search(a.off, 0, a.E, r);
+      ex = {a.off[e], a.off[e + 1], a.ws_base[e], a.gscale[e], div_rn(1.0f, a.gscale[e])};
+    }
+    quant_item<SILU>(a, valid, p, raw, ex);
+  }
+}
+
+// ---- host side ----
+
+constexpr int MAX_DEVICES = 64;
+struct DeviceInfo {
+  int sms; // 0 = not queried yet
+  int major, minor;
+  char name[256];
+};
+DeviceInfo devices[MAX_DEVICES]; // queried once per device: the core asks supported() before every run
+
+const DeviceInfo *device_info(int device) {
+  if (device < 0 || device >= MAX_DEVICES) return nullptr;
+  DeviceInfo &d = devices[device];
+  if (d.sms == 0) {
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return nullptr;
+    memcpy(d.name, prop.name, sizeof d.name);
+    d.name[sizeof d.name - 1] = 0;
+    d.major = prop.major, d.minor = prop.minor;
+    d.sms = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
+  }
+  return &d;
+}
+
+int sm_count(int device) {
+  const DeviceInfo *d = device_info(device);
+  return d ? d->sms : 1;
+}
+
+int64_t cols_of(const moeffi_problem *p) { return p->op == MOEFFI_OP_NVFP4_SILU_QUANT ? p->n : p->k; }
+int64_t scale_bytes(int64_t M, int64_t E, int64_t cols) { return (M + 127 * E) * ceil_div(cols, 64) * 4; }
+
+int lookup_of(int64_t E, int variant) {
+  if (variant == FORCE_GLOBAL || E > SMEM_MAX_E) return GLOBAL;
+  if (variant == FORCE_SMEM || E > REG_MAX_E) return SMEM;
+  return REG;
+}
+
+// Workspace: the offsets-valid word and ws_base [E + 1] (GLOBAL lookup and the plain variant only).
+uint64_t workspace_bytes(int64_t E, int lookup) { return lookup == GLOBAL ? 16 + 4 * (uint64_t)(E + 1) : 0; }
+
+int32_t check_problem(const moeffi_problem *p, char *msg, uint32_t cap) {
+  if (!p) FAIL(MOEFFI_INVALID, "problem is NULL");
+  if (p->size < sizeof(moeffi_problem)) FAIL(MOEFFI_INVALID, "problem struct too small");
+  if (p->device == MOEFFI_DEVICE_CPU) FAIL(MOEFFI_UNSUPPORTED, "nvfp4 runs on CUDA; tensors are on the CPU");
+  if (p->device != MOEFFI_DEVICE_CUDA) FAIL(MOEFFI_UNSUPPORTED, "unknown device %u", p->device);
+  // Without a driver the static runtime answers cudaErrorInsufficientDriver or cudaErrorNoDevice.
+  int count = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaSuccess && count == 0) err = cudaErrorNoDevice;
+  if (err != cudaSuccess) FAIL(MOEFFI_UNSUPPORTED, "no CUDA device: %s", cudaGetErrorString(err));
+  if (p->device_index < 0 || p->device_index >= count)
+    FAIL(MOEFFI_UNSUPPORTED, "cuda:%d does not exist (%d CUDA devices)", p->device_index, count);
+  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p->device_index)) != cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, p->device_index)) != cudaSuccess)
+    FAIL(MOEFFI_DEVICE, "cannot query cuda:%d: %s", p->device_index, cudaGetErrorString(err));
+  if (major < 8) FAIL(MOEFFI_UNSUPPORTED, "needs sm_80+, device is sm_%d%d", major, minor);
+  if (p->op >= MOEFFI_OP_COUNT) FAIL(MOEFFI_UNSUPPORTED, "unknown op %u", p->op);
+  if (!is_nvfp4(p->op)) FAIL(MOEFFI_UNSUPPORTED, "the nvfp4 backend implements nvfp4_experts_quant and nvfp4_silu_quant only");
+  return MOEFFI_OK;
+}
+
+// The core validates shapes; these checks keep the kernels' index arithmetic in range.
+int32_t check_dims(const moeffi_problem *p, char *msg, uint32_t cap) {
+  const int64_t d[] = {p->m, p->n, p->k, p->experts};
+  const char *names[] = {"m", "n", "k", "experts"};
+  for (int i = 0; i < 4; i++)
+    if (d[i] < 0 || d[i] > INT32_MAX) FAIL(MOEFFI_INVALID, "%s = %lld is out of range", names[i], (long long)d[i]);
+  const int64_t cols = cols_of(p), E = p->experts;
+  const char *name = p->op == MOEFFI_OP_NVFP4_SILU_QUANT ? "n" : "k";
+  if (cols == 0 || E == 0) FAIL(MOEFFI_INVALID, "a dimension of op %u is zero", p->op);
+  if (cols % 16) FAIL(MOEFFI_INVALID, "%s = %lld is not a multiple of 16", name, (long long)cols);
+  if (p->m + 127 * E > MAX_ROWS)
+    FAIL(MOEFFI_UNSUPPORTED, "m + 127 * experts is above 2^30 (rows are int32 on this backend, with room for the grid stride)");
+  if (zero_units((int)E, (int)ceil_div(cols, 64), scale_bytes(p->m, E, cols)) > MAX_UNITS)
+    FAIL(MOEFFI_UNSUPPORTED, "the scale buffer is too large for this backend (more than 2^31 zeroing units)");
+  return MOEFFI_OK;
+}
+
+int32_t check_all(const moeffi_problem *p, char *msg, uint32_t cap) {
+  const int32_t st = check_problem(p, msg, cap);
+  return st ? st : check_dims(p, msg, cap);
+}
+
+// Launch size: `work` thread-trips in blocks of THREADS, halved down to MIN_THREADS while that
+// leaves SMs idle, and at most what is resident at once (the grid-stride loop covers the rest).
+void launch_shape(const void *kernel, int64_t work, int device, size_t smem, int *grid, int *threads) {
+  const int sms = sm_count(device);
+  int t = THREADS;
+  while (t > MIN_THREADS && ceil_div(work, t) < sms) t /= 2;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, t, smem) != cudaSuccess || per_sm < 1) per_sm = 1;
+  *threads = t;
+  *grid = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, t), (int64_t)sms * per_sm));
+}
+
+template <int LOOKUP, bool SILU> cudaError_t launch_fast(const Args &a, int device, cudaStream_t s) {
+  const auto kernel = nvfp4_kernel<LOOKUP, SILU>;
+  const size_t smem = LOOKUP == SMEM ? (size_t)(2 * a.E + 2) * sizeof(int) : 0;
+  // each thread-trip handles U items; zeroing units count as a quarter of an item each
+  const int64_t work = std::max(ceil_div(a.items, items_per_trip<SILU>()), zero_units(a.E, a.ktiles, a.sf_bytes) / 4);
+  int grid, threads;
+  launch_shape((const void *)kernel, work, device, smem, &grid, &threads);
+  if (LOOKUP == GLOBAL) nvfp4_plan_kernel<<<1, PLAN_THREADS, 0, s>>>(a);
+  kernel<<<grid, threads, smem, s>>>(a);
+  return cudaGetLastError();
+}
+
+template <bool SILU> cudaError_t launch_lookup(const Args &a, int lookup, int device, cudaStream_t s) {
+  switch (lookup) {
+  case REG: return launch_fast<REG, SILU>(a, device, s);
+  case SMEM: return launch_fast<SMEM, SILU>(a, device, s);
+  default: return launch_fast<GLOBAL, SILU>(a, device, s);
+  }
+}
+
+template <bool SILU> cudaError_t launch_plain(const Args &a, cudaStream_t s) {
+  cudaError_t err = cudaMemsetAsync(a.sf, 0, (size_t)a.sf_bytes, s);
+  if (err != cudaSuccess) return err;
+  nvfp4_plan_kernel<<<1, PLAN_THREADS, 0, s>>>(a);
+  if (a.M > 0) nvfp4_plain_kernel<SILU><<<(unsigned)a.M, (unsigned)std::min<int64_t>(ceil_div(a.ipr, 32) * 32, 1024), 0, s>>>(a);
+  return cudaGetLastError();
+}
+
+// A NULL tensor is an error only when it has elements.
+#define NEED(ptr, count, slot) \
+  if (!(ptr) && (count) != 0) FAIL(MOEFFI_INVALID, "tensors->%s is NULL", slot)
+#define ALIGNED(ptr, n, slot) \
+  if ((uintptr_t)(ptr) % (n)) FAIL(MOEFFI_INVALID, "tensors->%s must be %d-byte aligned", slot, n)
+
+int32_t run_variant(const moeffi_problem *p, const moeffi_tensors *t, int variant, char *msg, uint32_t cap) {
+  int32_t st;
+  if ((st = check_all(p, msg, cap))) return st;
+  if (!t || t->size < sizeof(moeffi_tensors)) FAIL(MOEFFI_INVALID, "tensors struct too small");
+  const bool silu = p->op == MOEFFI_OP_NVFP4_SILU_QUANT;
+  const int64_t M = p->m, E = p->experts, cols = cols_of(p), in_cols = silu ? 2 * cols : cols;
+  const int lookup = variant == PLAIN ? GLOBAL : lookup_of(E, variant);
+  const uint64_t need = workspace_bytes(E, lookup);
+  NEED(t->x, (uint64_t)(M * in_cols), "x");
+  NEED(t->out, (uint64_t)(M * cols / 2), "out");
+  NEED(t->out_aux, 1, "out_aux");
+  NEED(t->expert_offsets, 1, "expert_offsets");
+  NEED(t->global_scale, (uint64_t)E, "global_scale");
+  ALIGNED(t->x, 16, "x");
+  ALIGNED(t->out, 4, "out");
+  ALIGNED(t->out_aux, 16, "out_aux");
+  if (t->workspace_bytes < need || (need && !t->workspace) || (uintptr_t)t->workspace % 16)
+    FAIL(MOEFFI_INVALID, "workspace must be %llu bytes, 16-byte aligned (got %llu)", (unsigned long long)need,
+         (unsigned long long)t->workspace_bytes);
+  MOEFFI_CUDA_TRY(cudaSetDevice(p->device_index));
+  (void)cudaGetLastError(); // forget a stale error of an earlier runtime call (this library's own runtime)
+  const cudaStream_t s = (cudaStream_t)t->stream;
+  Args a = {};
+  a.x = (const uint16_t *)t->x, a.off = (const int32_t *)t->expert_offsets, a.gscale = (const float *)t->global_scale;
+  a.out = (uint8_t *)t->out, a.sf = (uint8_t *)t->out_aux, a.error_flags = t->error_flags;
+  a.ws_ok = (int *)t->workspace, a.ws_base = need ? (int *)((char *)t->workspace + 16) : nullptr;
+  a.E = (int)E, a.ktiles = (int)ceil_div(cols, 64), a.ipr = (int)(cols / 8);
+  a.M = M, a.cols = cols, a.items = M * (cols / 8), a.sf_bytes = scale_bytes(M, E, cols);
+  cudaError_t err;
+  if (variant == MEMSET) {
+    MOEFFI_CUDA_TRY(cudaMemsetAsync(a.sf, 0, (size_t)a.sf_bytes, s));
+  }
+  if (variant == PLAIN) err = silu ? launch_plain<true>(a, s) : launch_plain<false>(a, s);
+  else err = silu ? launch_lookup<true>(a, lookup, p->device_index, s) : launch_lookup<false>(a, lookup, p->device_index, s);
+  if (err != cudaSuccess) FAIL(MOEFFI_DEVICE, "nvfp4 kernels: %s", cudaGetErrorString(err));
+  return MOEFFI_OK;
+}
+
+} // namespace
+
+// ---- exported entry points ----
+
+MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
+
+MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
+  if (!out || out->size < sizeof(moeffi_manifest)) return MOEFFI_INVALID;
+  memset(out, 0, sizeof *out);
+  out->size = sizeof *out;
+  out->abi_version = MOEFFI_ABI_VERSION;
+  strcpy(out->name, "nvfp4");
+  strcpy(out->version, "0.1.0");
+  strcpy(out->archs, "sm_80+");
+  out->device = MOEFFI_DEVICE_CUDA;
+  out->ops = (1u << MOEFFI_OP_NVFP4_EXPERTS_QUANT) | (1u << MOEFFI_OP_NVFP4_SILU_QUANT);
+  out->batch_invariant_ops = out->ops; // every row depends on its own values and expert only
+  out->priority = 20;
+  return MOEFFI_OK;
+}
+
+MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason, uint32_t capacity) {
+  if (check_all(problem, reason, capacity) != MOEFFI_OK) return -1;
+  const DeviceInfo *d = device_info(problem->device_index);
+  if (!d) {
+    moeffi_say(reason, capacity, "cannot query cuda:%d", problem->device_index);
+    return -1;
+  }
+  const int lookup = lookup_of(problem->experts, AUTO);
+  moeffi_say(reason, capacity, "grid-stride NVFP4 kernel on %s (sm_%d%d), %s expert lookup", d->name, d->major, d->minor,
+             lookup == REG ? "register" : lookup == SMEM ? "shared-memory" : "global-memory");
+  return 20;
+}
+
+MOEFFI_API int32_t moeffi_workspace_size(const moeffi_problem *problem, uint64_t *bytes) {
+  if (!bytes) return MOEFFI_INVALID;
+  *bytes = 0;
+  const int32_t st = check_all(problem, NULL, 0);
+  if (st) return st;
+  *bytes = workspace_bytes(problem->experts, lookup_of(problem->experts, AUTO));
+  return MOEFFI_OK;
+}
+
+MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_weights *weights, void **handle,
+                                  char *message, uint32_t capacity) {
+  (void)weights;
+  if (!handle) {
+    moeffi_say(message, capacity, "handle is NULL");
+    return MOEFFI_INVALID;
+  }
+  *handle = NULL; // no weights
+  return check_all(problem, message, capacity);
+}
+
+MOEFFI_API void moeffi_release(void *handle) { (void)handle; }
+
+MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const moeffi_tensors *tensors, char *message,
+                              uint32_t capacity) {
+  (void)handle;
+  return run_variant(problem, tensors, AUTO, message, capacity);
+}
+
+/* Benchmark entry (not part of moeffi.h; bench/nvfp4.ts binds it): moeffi_run with a forced variant.
+ * 0 auto (= moeffi_run), 1 plain (memset, planning kernel, one row per block, global binary search),
+ * 2 grid-stride with the shared-memory lookup, 3 grid-stride with the planning kernel and the global
+ * lookup, 4 auto after a memset of the whole scale buffer. Variants 1 and 3 need a workspace of at
+ * least 16 + 4 (E + 1) bytes. */
+MOEFFI_API int32_t moeffi_nvfp4_variant_run(const moeffi_problem *problem, const moeffi_tensors *tensors, uint32_t variant,
+                                            char *message, uint32_t capacity) {
+  if (variant > MEMSET) {
+    moeffi_say(message, capacity, "unknown variant %u", variant);
+    return MOEFFI_INVALID;
+  }
+  return run_variant(problem, tensors, (int)variant, message, capacity);
+}
