@@ -10,21 +10,54 @@
  * ```
  * @module
  */
-export { MoeLayer, type MoeConfig, type MoeWeights, Fp8Linear, type LinearConfig, topkSoftmax, nvfp4ExpertsQuant, nvfp4ScaleRows, nvfp4SiluQuant, type Nvfp4Options } from "./core/ops.ts";
+export {
+  Fp8Linear,
+  type LinearConfig,
+  type MoeConfig,
+  MoeLayer,
+  type MoeWeights,
+  nvfp4ExpertsQuant,
+  type Nvfp4Options,
+  nvfp4ScaleRows,
+  nvfp4SiluQuant,
+  topkSoftmax,
+} from "./core/ops.ts";
 export { Context, type ContextOptions, defaultContext, type ProblemSpec } from "./core/context.ts";
 export { explain, formatVerdicts, type SelectOptions, type Verdict } from "./core/oracle.ts";
-export { Tensor, tensor, type TensorLike, type DType, type Device } from "./core/tensor.ts";
+export { type Device, type DType, Tensor, tensor, type TensorLike } from "./core/tensor.ts";
 export { CudaDevice, DeviceTensor } from "./cuda/device.ts";
 export type { Like } from "./core/ops.ts";
-export { ArgumentError, MoeffiError, type ErrorCode } from "./core/errors.ts";
+export { ArgumentError, type ErrorCode, MoeffiError } from "./core/errors.ts";
 export * from "./core/dtypes.ts";
 export {
-  CheckpointError, f16ToF32, fromF16, openSafetensors, READABLE_DTYPES, SafetensorsCheckpoint, SafetensorsFile,
-  type TensorInfo, type TensorSource,
+  CheckpointError,
+  f16ToF32,
+  fromF16,
+  openSafetensors,
+  READABLE_DTYPES,
+  SafetensorsCheckpoint,
+  SafetensorsFile,
+  type TensorInfo,
+  type TensorSource,
 } from "./core/safetensors.ts";
 export {
-  CHECKPOINT_FORMATS, type CheckpointFormat, loadMoeCheckpoint, type MoeCheckpoint, type MoeCheckpointConfig,
-  type MoeCheckpointWeights, openMoeCheckpoint,
+  CHECKPOINT_FORMATS,
+  type CheckpointFormat,
+  loadMoeCheckpoint,
+  type MoeCheckpoint,
+  type MoeCheckpointConfig,
+  type MoeCheckpointWeights,
+  openMoeCheckpoint,
 } from "./core/checkpoints.ts";
-export { ABI_VERSION, OPS, type Op, WEIGHT_SCALES, type WeightScale, ACT_SCALES, type ActScale, type Manifest, type Problem } from "./ffi/abi.ts";
-export { BUILTIN_NAMES, type Backend, type Skipped } from "./ffi/plugins.ts";
+export {
+  ABI_VERSION,
+  ACT_SCALES,
+  type ActScale,
+  type Manifest,
+  type Op,
+  OPS,
+  type Problem,
+  WEIGHT_SCALES,
+  type WeightScale,
+} from "./ffi/abi.ts";
+export { type Backend, BUILTIN_NAMES, type Skipped } from "./ffi/plugins.ts";

@@ -35,7 +35,10 @@ for (const name of chosen) {
   for (const [weightScale, actScale] of SCHEMES) {
     const scale = (shape: number[]) => tensor("f32", shape, new Float32Array(shape.reduce((a, b) => a * b, 1)).fill(1 / 1024));
     using layer = new MoeLayer({ hidden: k, intermediate: n, experts: e, topk, weightScale, actScale }).load({
-      w13, w13Scale: scale(weightScaleShape(weightScale, 2 * n, k, e)), w2, w2Scale: scale(weightScaleShape(weightScale, k, n, e)),
+      w13,
+      w13Scale: scale(weightScaleShape(weightScale, 2 * n, k, e)),
+      w2,
+      w2Scale: scale(weightScaleShape(weightScale, k, n, e)),
     });
     for (const m of M_VALUES) {
       const x = tensor("bf16", [m, k], toBf16(Float32Array.from({ length: m * k }, () => next() / 2 ** 32 - 0.5)));
@@ -45,12 +48,28 @@ for (const name of chosen) {
       bench.add(`${name} M=${m}`, async () => void await layer.forward(x, ids, w));
       await bench.run();
       const t = bench.tasks[0].result as unknown as { latency: { p50: number; min: number; max: number } };
-      rows.push({ preset: name, m, scheme: `${weightScale}/${actScale}`, backend: layer.backendName, "median ms": +t.latency.p50.toFixed(2), "min ms": +t.latency.min.toFixed(2), "max ms": +t.latency.max.toFixed(2) });
+      rows.push({
+        preset: name,
+        m,
+        scheme: `${weightScale}/${actScale}`,
+        backend: layer.backendName,
+        "median ms": +t.latency.p50.toFixed(2),
+        "min ms": +t.latency.min.toFixed(2),
+        "max ms": +t.latency.max.toFixed(2),
+      });
       console.log(rows.at(-1));
     }
   }
 }
 const runtimeName = "Bun" in globalThis ? "bun" : "deno";
-const report = { date: new Date().toISOString(), runtime: runtimeName, cpu: cpus()[0]?.model, cores: cpus().length, host: hostname(), omp: process.env.OMP_NUM_THREADS ?? "default", rows };
+const report = {
+  date: new Date().toISOString(),
+  runtime: runtimeName,
+  cpu: cpus()[0]?.model,
+  cores: cpus().length,
+  host: hostname(),
+  omp: process.env.OMP_NUM_THREADS ?? "default",
+  rows,
+};
 writeFileSync(new URL(`./results/cpu-${runtimeName}.json`, import.meta.url), JSON.stringify(report, null, 2) + "\n");
 console.table(rows);

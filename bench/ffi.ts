@@ -25,7 +25,9 @@ bench.add(`whole op: topkSoftmax M=1 E=8 (validate, select, run) x${BATCH / 10}`
 });
 await bench.run();
 
-const name = "Bun" in globalThis ? `bun ${(globalThis as unknown as { Bun: { version: string } }).Bun.version}` : `deno ${Deno.version.deno}`;
+const name = "Bun" in globalThis
+  ? `bun ${(globalThis as unknown as { Bun: { version: string } }).Bun.version}`
+  : `deno ${Deno.version.deno}`;
 const rows = bench.tasks.map((t) => {
   const r = t.result as unknown as { latency: { p50: number } };
   const per = t.name.includes("whole op") ? BATCH / 10 : BATCH;

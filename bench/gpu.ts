@@ -22,7 +22,9 @@ const ms = env("MOEFFI_BENCH_M", "1,16,128,1024,4096").split(",").map(Number);
 const REPS = Number(env("MOEFFI_BENCH_REPS", "20")), WARMUP = 3, SETS = 3;
 const SCHEME: [WeightScale, ActScale] = ["per-channel", "dynamic-token"]; // the peer's recipe
 
-const peer: Peer | undefined = process.env.MOEFFI_BENCH_PEER ? JSON.parse(readFileSync(process.env.MOEFFI_BENCH_PEER, "utf8")) : undefined;
+const peer: Peer | undefined = process.env.MOEFFI_BENCH_PEER
+  ? JSON.parse(readFileSync(process.env.MOEFFI_BENCH_PEER, "utf8"))
+  : undefined;
 
 const ctx = new Context({ device: "cuda:0" });
 const cuda = ctx.cuda!;
@@ -48,18 +50,25 @@ for (const name of presets) {
   const [weightScale, actScale] = SCHEME;
   const w = {
     w13: cuda.upload(tensor("fp8_e4m3", [e, 2 * n, k], fp8Codes(e * 2 * n * k))),
-    w13Scale: cuda.upload(tensor("f32", weightScaleShape(weightScale, 2 * n, k, e), uniform(e * 2 * n, 1 / 512).map(Math.abs).map((v) => v + 1e-4))),
+    w13Scale: cuda.upload(
+      tensor("f32", weightScaleShape(weightScale, 2 * n, k, e), uniform(e * 2 * n, 1 / 512).map(Math.abs).map((v) => v + 1e-4)),
+    ),
     w2: cuda.upload(tensor("fp8_e4m3", [e, k, n], fp8Codes(e * k * n))),
-    w2Scale: cuda.upload(tensor("f32", weightScaleShape(weightScale, k, n, e), uniform(e * k, 1 / 512).map(Math.abs).map((v) => v + 1e-4))),
+    w2Scale: cuda.upload(
+      tensor("f32", weightScaleShape(weightScale, k, n, e), uniform(e * k, 1 / 512).map(Math.abs).map((v) => v + 1e-4)),
+    ),
   };
   for (const b of backends) {
     const backend = b.name;
-    const verdict = b.supported(ctx.problem({ op: "fp8_moe", m: Math.max(...ms), n, k, experts: e, topk, weightScale, actScale }));
+    const verdict = b.supported(
+      ctx.problem({ op: "fp8_moe", m: Math.max(...ms), n, k, experts: e, topk, weightScale, actScale }),
+    );
     if (verdict.priority === null) {
       console.log(`${name}: ${backend} skipped: ${verdict.reason}`);
       continue;
     }
-    using layer = new MoeLayer({ hidden: k, intermediate: n, experts: e, topk, weightScale, actScale, context: ctx, backend }).load(w);
+    using layer = new MoeLayer({ hidden: k, intermediate: n, experts: e, topk, weightScale, actScale, context: ctx, backend })
+      .load(w);
     for (const m of ms) {
       const sets = [];
       let touched = 0;
@@ -67,19 +76,30 @@ for (const name of presets) {
         const logits = tensor("f32", [m, e], uniform(m * e, 8));
         const routed = await topkSoftmax(logits, topk, { renormalize: true, context: new Context({ device: "cpu" }) });
         if (s === 0) touched = new Set(routed.ids.data).size;
-        sets.push({ x: cuda.upload(tensor("bf16", [m, k], toBf16(uniform(m * k, 2)))), ids: cuda.upload(routed.ids), weights: cuda.upload(routed.weights) });
+        sets.push({
+          x: cuda.upload(tensor("bf16", [m, k], toBf16(uniform(m * k, 2)))),
+          ids: cuda.upload(routed.ids),
+          weights: cuda.upload(routed.weights),
+        });
       }
       const out = cuda.empty("bf16", [m, k]);
       const times: number[] = [];
       for (let i = 0; i < WARMUP + REPS; i++) {
         const s = sets[i % SETS];
-        const t = await cuda.time(() => layer.forward(s.x, s.ids, s.weights, { out: out as DeviceTensor<"bf16"> }).then(() => {}));
+        const t = await cuda.time(() =>
+          layer.forward(s.x, s.ids, s.weights, { out: out as DeviceTensor<"bf16"> }).then(() => {})
+        );
         if (i >= WARMUP) times.push(t * 1000);
       }
       const us = median(times), flops = 6 * m * topk * k * n, bytes = touched * 3 * k * n;
       const row: Row = {
-        preset: name, m, backend, us: +us.toFixed(1), spread: +((Math.max(...times) - Math.min(...times)) / us).toFixed(3),
-        tflops: +(flops / us / 1e6).toFixed(1), tbs: +(bytes / us / 1e6).toFixed(3),
+        preset: name,
+        m,
+        backend,
+        us: +us.toFixed(1),
+        spread: +((Math.max(...times) - Math.min(...times)) / us).toFixed(3),
+        tflops: +(flops / us / 1e6).toFixed(1),
+        tbs: +(bytes / us / 1e6).toFixed(3),
       };
       if (peer) {
         const floor = Math.max(flops / (peer.ceilings.fp8_gemm_tflops_rowwise * 1e6), bytes / (peer.ceilings.copy_tb_s * 1e6));
@@ -100,5 +120,15 @@ for (const name of presets) {
 // ---- report ----
 const gpu = cuda.name;
 const slug = gpu.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
-const report: Report = { date: new Date().toISOString(), gpu, capability: cuda.capability, scheme: SCHEME, reps: REPS, sets: SETS, ceilings: peer?.ceilings, peer: peer?.peer, rows };
+const report: Report = {
+  date: new Date().toISOString(),
+  gpu,
+  capability: cuda.capability,
+  scheme: SCHEME,
+  reps: REPS,
+  sets: SETS,
+  ceilings: peer?.ceilings,
+  peer: peer?.peer,
+  rows,
+};
 console.log(writeReport(report, new URL(`./results/${slug}`, import.meta.url).pathname));

@@ -29,7 +29,13 @@ export function openVariants(path: string) {
   return {
     run(problem: Problem, tensors: Partial<TensorAddresses>, variant: Variant): void {
       const message = new Uint8Array(1024);
-      const status = lib.symbols.moeffi_nvfp4_variant_run(encodeProblem(problem), encodeTensors(tensors), VARIANTS[variant], message, message.length) as number;
+      const status = lib.symbols.moeffi_nvfp4_variant_run(
+        encodeProblem(problem),
+        encodeTensors(tensors),
+        VARIANTS[variant],
+        message,
+        message.length,
+      ) as number;
       if (status !== 0) throw new Error(`nvfp4 variant ${variant} failed (status ${status}): ${cString(message)}`);
     },
     close: () => lib.close(),
@@ -50,7 +56,9 @@ async function main() {
   const ctx = new Context({ device: "cuda:0" });
   const cuda = ctx.cuda!;
   const backend = ctx.registry.backends.find((b) => b.name === "nvfp4");
-  if (!backend) throw new Error(`the nvfp4 backend is not built: run deno task build (skipped: ${JSON.stringify(ctx.registry.skipped)})`);
+  if (!backend) {
+    throw new Error(`the nvfp4 backend is not built: run deno task build (skipped: ${JSON.stringify(ctx.registry.skipped)})`);
+  }
   const variants = openVariants(backend.path);
   const busy = cuda.empty("u8", [256 << 20]);
   const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
@@ -100,9 +108,30 @@ async function main() {
 
   const rows: Row[] = [];
   const cases = [
-    { name: "quant 65536x7168 E=256", op: "nvfp4_experts_quant" as const, m: 65536, cols: 7168, experts: 256, variants: ["auto", "plain", "global", "memset"] as Variant[] },
-    { name: "quant 8x7168 E=8", op: "nvfp4_experts_quant" as const, m: 8, cols: 7168, experts: 8, variants: ["auto", "plain", "smem", "global", "memset"] as Variant[] },
-    { name: "silu 65536x2048 E=256", op: "nvfp4_silu_quant" as const, m: 65536, cols: 2048, experts: 256, variants: ["auto", "plain"] as Variant[] },
+    {
+      name: "quant 65536x7168 E=256",
+      op: "nvfp4_experts_quant" as const,
+      m: 65536,
+      cols: 7168,
+      experts: 256,
+      variants: ["auto", "plain", "global", "memset"] as Variant[],
+    },
+    {
+      name: "quant 8x7168 E=8",
+      op: "nvfp4_experts_quant" as const,
+      m: 8,
+      cols: 7168,
+      experts: 8,
+      variants: ["auto", "plain", "smem", "global", "memset"] as Variant[],
+    },
+    {
+      name: "silu 65536x2048 E=256",
+      op: "nvfp4_silu_quant" as const,
+      m: 65536,
+      cols: 2048,
+      experts: 256,
+      variants: ["auto", "plain"] as Variant[],
+    },
   ];
   for (const c of cases) {
     const silu = c.op === "nvfp4_silu_quant", inCols = silu ? 2 * c.cols : c.cols;
@@ -113,17 +142,33 @@ async function main() {
     const sfBytes = nvfp4ScaleRows(c.m, c.experts) * Math.ceil(c.cols / 64) * 4;
     const out = cuda.empty("u8", [c.m, c.cols / 2]), sf = cuda.empty("u8", [sfBytes]);
     const ws = cuda.empty("u8", [variantWorkspace(c.experts)]);
-    const problem = ctx.problem(silu ? { op: c.op, m: c.m, n: c.cols, experts: c.experts } : { op: c.op, m: c.m, k: c.cols, experts: c.experts });
+    const problem = ctx.problem(
+      silu ? { op: c.op, m: c.m, n: c.cols, experts: c.experts } : { op: c.op, m: c.m, k: c.cols, experts: c.experts },
+    );
     const slots: Partial<TensorAddresses> = {
-      x: x.address(), expertOffsets: offsets.address(), globalScale: scale.address(), out: out.address(), outAux: sf.address(),
-      workspace: ws.address(), workspaceBytes: BigInt(ws.bytes), stream: cuda.stream, errorFlags: cuda.errorFlags,
+      x: x.address(),
+      expertOffsets: offsets.address(),
+      globalScale: scale.address(),
+      out: out.address(),
+      outAux: sf.address(),
+      workspace: ws.address(),
+      workspaceBytes: BigInt(ws.bytes),
+      stream: cuda.stream,
+      errorFlags: cuda.errorFlags,
     };
     const bytes = c.m * inCols * 2 + 4 * (2 * c.experts + 1) + (c.m * c.cols) / 2 + sfBytes;
     let first: { out: Uint8Array; sf: Uint8Array } | undefined;
     for (const variant of c.variants) {
       const t = await measure(() => variants.run(problem, slots, variant));
       const gbs = bytes / t.us / 1e3;
-      const row: Row = { case: c.name, variant, us: +t.us.toFixed(2), spread: +t.spread.toFixed(3), gbs: +gbs.toFixed(0), of_copy: +(gbs / copyGbs).toFixed(3) };
+      const row: Row = {
+        case: c.name,
+        variant,
+        us: +t.us.toFixed(2),
+        spread: +t.spread.toFixed(3),
+        gbs: +gbs.toFixed(0),
+        of_copy: +(gbs / copyGbs).toFixed(3),
+      };
       rows.push(row);
       console.log(JSON.stringify(row));
       // every variant writes the same bytes
@@ -140,19 +185,40 @@ async function main() {
   const fast = (name: string) => rows.find((r) => r.case === name && r.variant === "auto")!;
   const big = fast(cases[0].name), small = fast(cases[1].name);
   const targets = {
-    big_of_copy: big.of_copy, big_target: 0.85, big_met: big.of_copy >= 0.85,
-    small_us: small.us, small_target_us: 5, small_met: small.us <= 5,
+    big_of_copy: big.of_copy,
+    big_target: 0.85,
+    big_met: big.of_copy >= 0.85,
+    small_us: small.us,
+    small_target_us: 5,
+    small_met: small.us <= 5,
   };
   const gpu = cuda.name, slug = gpu.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
-  const report = { date: new Date().toISOString(), gpu, capability: cuda.capability, reps: REPS, copy_gbs: +copyGbs.toFixed(0), targets, rows };
+  const report = {
+    date: new Date().toISOString(),
+    gpu,
+    capability: cuda.capability,
+    reps: REPS,
+    copy_gbs: +copyGbs.toFixed(0),
+    targets,
+    rows,
+  };
   const base = new URL(`./results/nvfp4-${slug}`, import.meta.url).pathname;
   writeFileSync(`${base}.json`, JSON.stringify(report, null, 2) + "\n");
   const md = [
-    `# nvfp4 on ${gpu} (${report.date.slice(0, 10)})`, "",
-    `Copy bandwidth in the same run: ${copyGbs.toFixed(0)} GB/s (1 GiB device to device, read + write). Time = median device time of ${REPS} runs (CUDA events, a 256 MiB memset before each). GB/s = bytes read + written (the whole scale buffer included) / time.`, "",
-    `Targets: 65536 x 7168 at ${(big.of_copy * 100).toFixed(1)}% of copy (>= 85%: ${targets.big_met ? "met" : "NOT met"}); 8 x 7168 in ${small.us} us (<= 5 us: ${targets.small_met ? "met" : "NOT met"}).`, "",
-    "Variants: auto = what moeffi_run does (register lookup for E <= 32, shared memory up to 4096, global above); plain = memset + planning kernel + one row per block; smem / global = the grid-stride kernel with that lookup forced; memset = auto after a memset of the whole scale buffer.", "",
-    "| case | variant | time (us) | spread | GB/s | of copy |", "|---|---|---|---|---|---|",
+    `# nvfp4 on ${gpu} (${report.date.slice(0, 10)})`,
+    "",
+    `Copy bandwidth in the same run: ${
+      copyGbs.toFixed(0)
+    } GB/s (1 GiB device to device, read + write). Time = median device time of ${REPS} runs (CUDA events, a 256 MiB memset before each). GB/s = bytes read + written (the whole scale buffer included) / time.`,
+    "",
+    `Targets: 65536 x 7168 at ${(big.of_copy * 100).toFixed(1)}% of copy (>= 85%: ${
+      targets.big_met ? "met" : "NOT met"
+    }); 8 x 7168 in ${small.us} us (<= 5 us: ${targets.small_met ? "met" : "NOT met"}).`,
+    "",
+    "Variants: auto = what moeffi_run does (register lookup for E <= 32, shared memory up to 4096, global above); plain = memset + planning kernel + one row per block; smem / global = the grid-stride kernel with that lookup forced; memset = auto after a memset of the whole scale buffer.",
+    "",
+    "| case | variant | time (us) | spread | GB/s | of copy |",
+    "|---|---|---|---|---|---|",
     ...rows.map((r) => `| ${r.case} | ${r.variant} | ${r.us} | ${r.spread} | ${r.gbs} | ${r.of_copy} |`),
   ].join("\n");
   writeFileSync(`${base}.md`, md + "\n");

@@ -32,7 +32,13 @@ interface Naming {
   /** Suffix of the weight scale tensor, next to "weight". */
   scale: string;
 }
-const BLOCK_NAMING: Naming = { experts: "mlp.experts", gate: "gate_proj", up: "up_proj", down: "down_proj", scale: "weight_scale_inv" };
+const BLOCK_NAMING: Naming = {
+  experts: "mlp.experts",
+  gate: "gate_proj",
+  up: "up_proj",
+  down: "down_proj",
+  scale: "weight_scale_inv",
+};
 const NAMING: Record<CheckpointFormat, Naming> = {
   // DeepSeek-V3/R1 and Qwen3-MoE FP8 name their experts identically.
   "deepseek-v3": BLOCK_NAMING,
@@ -102,11 +108,16 @@ function detectFormat(src: TensorSource, layer: number): CheckpointFormat {
   const has = (prefix: string) => src.names.some((n) => n.startsWith(prefix));
   if (has(`model.layers.${layer}.block_sparse_moe.experts.`)) return "mixtral";
   if (has(`model.layers.${layer}.mlp.experts.`)) {
-    return src.names.some((n) => /\.mlp\.(shared_experts\.|gate\.e_score_correction_bias$)/.test(n)) ? "deepseek-v3" : "qwen3-moe";
+    return src.names.some((n) => /\.mlp\.(shared_experts\.|gate\.e_score_correction_bias$)/.test(n))
+      ? "deepseek-v3"
+      : "qwen3-moe";
   }
-  throw new CheckpointError(src.path, undefined,
+  throw new CheckpointError(
+    src.path,
+    undefined,
     `layer ${layer} has no MoE experts (no model.layers.${layer}.mlp.experts.* or .block_sparse_moe.experts.* tensors); ` +
-      `layers with experts: ${ranges(expertLayers(src))}`);
+      `layers with experts: ${ranges(expertLayers(src))}`,
+  );
 }
 
 /** E = highest expert index + 1; then every expert below it must have its three weights. */
@@ -119,17 +130,26 @@ function expertNames(src: TensorSource, layer: number, format: CheckpointFormat)
     if (m) experts = Math.max(experts, Number(m[1]) + 1);
   }
   if (experts === 0) {
-    throw new CheckpointError(src.path, undefined,
-      `layer ${layer} has no ${format} experts (no ${prefix}* tensors); layers with experts: ${ranges(expertLayers(src))}`);
+    throw new CheckpointError(
+      src.path,
+      undefined,
+      `layer ${layer} has no ${format} experts (no ${prefix}* tensors); layers with experts: ${ranges(expertLayers(src))}`,
+    );
   }
   const names = Array.from({ length: experts }, (_, e) => ({
-    gate: `${prefix}${e}.${naming.gate}`, up: `${prefix}${e}.${naming.up}`, down: `${prefix}${e}.${naming.down}`,
+    gate: `${prefix}${e}.${naming.gate}`,
+    up: `${prefix}${e}.${naming.up}`,
+    down: `${prefix}${e}.${naming.down}`,
   }));
   for (const [e, x] of names.entries()) {
     for (const base of [x.gate, x.up, x.down]) {
       if (!src.has(`${base}.weight`)) {
-        throw new CheckpointError(src.path, `${base}.weight`, `is missing: expert ${e} of layer ${layer} is incomplete or absent ` +
-          `(experts 0-${experts - 1} are expected, from the highest index found)`);
+        throw new CheckpointError(
+          src.path,
+          `${base}.weight`,
+          `is missing: expert ${e} of layer ${layer} is incomplete or absent ` +
+            `(experts 0-${experts - 1} are expected, from the highest index found)`,
+        );
       }
     }
   }
@@ -143,9 +163,15 @@ const fmt = (s: readonly number[]) => `[${s.join(", ")}]`;
 function expectFp8(src: TensorSource, name: string, shape: readonly number[]): void {
   const info = src.info(name);
   if (info.dtype !== "F8_E4M3") {
-    throw new CheckpointError(src.path, name, `is ${info.dtype}, expected F8_E4M3: moeffi loads FP8 expert weights (quantize the checkpoint to FP8 first)`);
+    throw new CheckpointError(
+      src.path,
+      name,
+      `is ${info.dtype}, expected F8_E4M3: moeffi loads FP8 expert weights (quantize the checkpoint to FP8 first)`,
+    );
   }
-  if (!sameShape(info.shape, shape)) throw new CheckpointError(src.path, name, `has shape ${fmt(info.shape)}, expected ${fmt(shape)} (from expert 0)`);
+  if (!sameShape(info.shape, shape)) {
+    throw new CheckpointError(src.path, name, `has shape ${fmt(info.shape)}, expected ${fmt(shape)} (from expert 0)`);
+  }
 }
 
 /** N and K from expert 0's gate weight [N, K]. */
@@ -158,7 +184,9 @@ function dims(src: TensorSource, first: ExpertNames): { n: number; k: number } {
 /** Every expert's matrices are F8_E4M3 of one shape (headers only: checked before anything large is read). */
 function checkWeights(src: TensorSource, names: ExpertNames[], n: number, k: number): void {
   for (const x of names) {
-    for (const [base, shape] of [[x.gate, [n, k]], [x.up, [n, k]], [x.down, [k, n]]] as const) expectFp8(src, `${base}.weight`, shape);
+    for (const [base, shape] of [[x.gate, [n, k]], [x.up, [n, k]], [x.down, [k, n]]] as const) {
+      expectFp8(src, `${base}.weight`, shape);
+    }
   }
 }
 
@@ -177,7 +205,9 @@ function readWeights(src: TensorSource, names: ExpertNames[], n: number, k: numb
 function readScale(src: TensorSource, name: string, accepted: readonly (readonly number[])[]): Float32Array {
   if (!src.has(name)) throw new CheckpointError(src.path, name, "is missing: every FP8 expert weight needs its scale");
   const info = src.info(name);
-  if (!["F32", "BF16", "F16"].includes(info.dtype)) throw new CheckpointError(src.path, name, `is ${info.dtype}, expected an F32 (or BF16/F16) scale`);
+  if (!["F32", "BF16", "F16"].includes(info.dtype)) {
+    throw new CheckpointError(src.path, name, `is ${info.dtype}, expected an F32 (or BF16/F16) scale`);
+  }
   if (!accepted.some((s) => sameShape(info.shape, s))) {
     throw new CheckpointError(src.path, name, `has shape ${fmt(info.shape)}, expected ${accepted.map(fmt).join(" or ")}`);
   }
@@ -192,8 +222,11 @@ function readScale(src: TensorSource, name: string, accepted: readonly (readonly
 function blockScales(src: TensorSource, names: ExpertNames[], n: number, k: number, suffix: string) {
   if (n % 128 !== 0) {
     // A 128-row block of w13 [2N, K] would straddle gate and up rows, which have separate scales.
-    throw new CheckpointError(src.path, `${names[0].gate}.weight`,
-      `intermediate size N = ${n} is not a multiple of 128: its gate and up 128x128 scale blocks cannot be stacked into w13's blocks`);
+    throw new CheckpointError(
+      src.path,
+      `${names[0].gate}.weight`,
+      `intermediate size N = ${n} is not a multiple of 128: its gate and up 128x128 scale blocks cannot be stacked into w13's blocks`,
+    );
   }
   const e = names.length, gs = [n / 128, cdiv(k, 128)], ds = [cdiv(k, 128), n / 128];
   const w13Scale = new Float32Array(e * 2 * gs[0] * gs[1]), w2Scale = new Float32Array(e * ds[0] * ds[1]);
@@ -240,7 +273,9 @@ function inputScales(src: TensorSource, names: ExpertNames[]) {
   const present = all.filter((name) => src.has(name));
   if (present.length === 0) return undefined;
   const missing = all.find((name) => !src.has(name));
-  if (missing) throw new CheckpointError(src.path, missing, "is missing: some experts have static input scales, so all need them");
+  if (missing) {
+    throw new CheckpointError(src.path, missing, "is missing: some experts have static input scales, so all need them");
+  }
   const max = (bases: string[]) => Math.max(...bases.map((b) => readScale(src, `${b}.input_scale`, [[], [1]])[0]));
   return {
     a1Scale: tensor("f32", [1], [max(names.flatMap((x) => [x.gate, x.up]))]),
@@ -276,7 +311,10 @@ function loadLayer(src: TensorSource, layer: number, format: CheckpointFormat | 
  * a MoeLayer with. `source`: a .safetensors file, an index json, a folder holding either, or an
  * open checkpoint (left open, for loading several layers). The format is detected when omitted.
  */
-export function loadMoeCheckpoint(source: string | TensorSource, opts: { layer: number; format?: CheckpointFormat }): MoeCheckpoint {
+export function loadMoeCheckpoint(
+  source: string | TensorSource,
+  opts: { layer: number; format?: CheckpointFormat },
+): MoeCheckpoint {
   const layer = expectInt("layer", opts?.layer, 0);
   if (opts.format !== undefined && !CHECKPOINT_FORMATS.includes(opts.format)) {
     throw new ArgumentError("format", undefined, `one of ${CHECKPOINT_FORMATS.join(", ")}`, `got ${String(opts.format)}`);

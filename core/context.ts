@@ -45,7 +45,9 @@ export class Context implements Disposable {
       log: options.log ?? env.log,
     };
     const device = options.device ?? runtime.env("MOEFFI_DEVICE") ?? ("error" in cudaDriver() ? "cpu" : "cuda:0");
-    if (device !== "cpu" && !/^cuda:\d+$/.test(device)) throw new ArgumentError("device", undefined, `"cpu" or "cuda:N"`, `got ${device}`);
+    if (device !== "cpu" && !/^cuda:\d+$/.test(device)) {
+      throw new ArgumentError("device", undefined, `"cpu" or "cuda:N"`, `got ${device}`);
+    }
     this.device = device as Device;
     if (device !== "cpu") this.cuda = CudaDevice.get(Number(device.slice(5)));
     const envPaths = runtime.env("MOEFFI_PLUGIN_PATH")?.split(":").filter(Boolean) ?? [];
@@ -55,7 +57,14 @@ export class Context implements Disposable {
   /** The full problem struct for this context's device and options. */
   problem(spec: ProblemSpec): Problem {
     return {
-      m: 0, n: 0, k: 0, experts: 0, topk: 0, weightScale: "per-tensor", actScale: "static-tensor", flags: 0,
+      m: 0,
+      n: 0,
+      k: 0,
+      experts: 0,
+      topk: 0,
+      weightScale: "per-tensor",
+      actScale: "static-tensor",
+      flags: 0,
       ...spec,
       device: this.device === "cpu" ? "cpu" : "cuda",
       deviceIndex: this.device === "cpu" ? -1 : Number(this.device.slice(5)),
@@ -105,7 +114,12 @@ export class Context implements Disposable {
   }
 
   /** Runs one op: tensors become addresses, the workspace is sized exactly and owned here. */
-  async run(backend: Backend, problem: Problem, handle: bigint, slots: Partial<Record<keyof TensorAddresses, TensorLike>>): Promise<void> {
+  async run(
+    backend: Backend,
+    problem: Problem,
+    handle: bigint,
+    slots: Partial<Record<keyof TensorAddresses, TensorLike>>,
+  ): Promise<void> {
     const p = this.withFlags(problem);
     const verdict = backend.supported(p);
     if (verdict.priority === null) {
@@ -114,8 +128,10 @@ export class Context implements Disposable {
     const bytes = backend.workspaceSize(p);
     const workspace = this.workspace(bytes);
     const addresses: Partial<TensorAddresses> = {
-      workspace: workspace.address, workspaceBytes: BigInt(bytes),
-      stream: this.cuda?.stream ?? 0n, errorFlags: this.cuda?.errorFlags ?? 0n,
+      workspace: workspace.address,
+      workspaceBytes: BigInt(bytes),
+      stream: this.cuda?.stream ?? 0n,
+      errorFlags: this.cuda?.errorFlags ?? 0n,
     };
     for (const [slot, t] of Object.entries(slots)) {
       if (t) addresses[slot as keyof TensorAddresses] = t.address();

@@ -11,8 +11,16 @@ import type { DeviceTensor } from "../cuda/device.ts";
 /** A tensor of dtype D where T lives: outputs are on the device of the inputs. */
 export type Like<T, D extends DType> = T extends DeviceTensor ? DeviceTensor<D> : Tensor<D>;
 import {
-  cdiv, expectFinite, expectIds, expectInt, expectMultipleOf16, expectOffsets, expectPositiveScales, expectScheme,
-  expectTensor, weightScaleShape,
+  cdiv,
+  expectFinite,
+  expectIds,
+  expectInt,
+  expectMultipleOf16,
+  expectOffsets,
+  expectPositiveScales,
+  expectScheme,
+  expectTensor,
+  weightScaleShape,
 } from "./validate.ts";
 
 // A prepared handle is released when its layer is disposed, or collected as a safety net.
@@ -37,14 +45,18 @@ abstract class PreparedLayer implements Disposable {
   protected prepare(weights: { w13: TensorLike; w13Scale: TensorLike; w2?: TensorLike; w2Scale?: TensorLike }) {
     this.release();
     this.handle = this.backend.prepare(this.problem, {
-      w13: weights.w13.address(), w13Scale: weights.w13Scale.address(),
-      w2: weights.w2?.address() ?? 0n, w2Scale: weights.w2Scale?.address() ?? 0n,
+      w13: weights.w13.address(),
+      w13Scale: weights.w13Scale.address(),
+      w2: weights.w2?.address() ?? 0n,
+      w2Scale: weights.w2Scale?.address() ?? 0n,
     });
     handles.register(this, { backend: this.backend, handle: this.handle }, this);
   }
 
   protected loaded(): bigint {
-    if (this.handle === 0n) throw new MoeffiError("disposed", "weights are not loaded: call load() first (or the layer was disposed)");
+    if (this.handle === 0n) {
+      throw new MoeffiError("disposed", "weights are not loaded: call load() first (or the layer was disposed)");
+    }
     return this.handle;
   }
 
@@ -129,7 +141,12 @@ export class MoeLayer extends PreparedLayer {
   }
 
   /** out[t] = sum_j topkWeights[t, j] * expert_{topkIds[t, j]}(x[t]), bf16 [M, K]. */
-  async forward<T extends TensorLike>(x: T, topkIds: TensorLike, topkWeights: TensorLike, opts: { out?: Like<T, "bf16"> } = {}): Promise<Like<T, "bf16">> {
+  async forward<T extends TensorLike>(
+    x: T,
+    topkIds: TensorLike,
+    topkWeights: TensorLike,
+    opts: { out?: Like<T, "bf16"> } = {},
+  ): Promise<Like<T, "bf16">> {
     const { k, experts, topk } = this.problem, dev = this.ctx.device;
     const m = x?.shape?.[0];
     expectTensor("x", x, "bf16", [m, k], dev);
@@ -166,7 +183,11 @@ export class Fp8Linear extends PreparedLayer {
     const [weightScale, actScale] = expectScheme(config.weightScale, config.actScale);
     const ctx = config.context ?? defaultContext();
     const m = expectInt("maxTokens", config.maxTokens ?? 4096);
-    super(ctx, ctx.problem({ op: "fp8_scaled_mm", m, n, k, weightScale, actScale, flags: config.bias ? FLAG_HAS_BIAS : 0 }), config.backend);
+    super(
+      ctx,
+      ctx.problem({ op: "fp8_scaled_mm", m, n, k, weightScale, actScale, flags: config.bias ? FLAG_HAS_BIAS : 0 }),
+      config.backend,
+    );
   }
 
   load(w: { w: TensorLike; wScale: TensorLike; bias?: TensorLike; a1Scale?: TensorLike }): this {
@@ -243,7 +264,7 @@ async function nvfp4Op<T extends TensorLike>(
   expectTensor("x", x, "bf16", [m, width], dev);
   const cols = silu ? width / 2 : width;
   expectMultipleOf16(silu ? "x.shape[1] / 2" : "x.shape[1]", cols);
-  const experts = (globalScale?.shape?.[0] ?? 0);
+  const experts = globalScale?.shape?.[0] ?? 0;
   expectInt("experts (globalScale.shape[0])", experts);
   expectTensor("globalScale", globalScale, "f32", [experts], dev);
   expectPositiveScales("globalScale", globalScale);

@@ -46,7 +46,10 @@ function judge(b: Backend, p: Problem, o: SelectOptions): { priority: number | n
   if (!b.manifest.ops.includes(p.op)) return { priority: null, reason: `does not implement ${p.op}` };
   if (o.batchInvariant) {
     if ((p.op === "fp8_moe" || p.op === "fp8_scaled_mm") && p.actScale === "dynamic-tensor") {
-      return { priority: null, reason: "batch invariance asked, but dynamic per-tensor activation scales depend on the whole batch" };
+      return {
+        priority: null,
+        reason: "batch invariance asked, but dynamic per-tensor activation scales depend on the whole batch",
+      };
     }
     if (!b.manifest.batchInvariantOps.includes(p.op)) {
       return { priority: null, reason: `does not claim batch invariance for ${p.op}` };
@@ -70,21 +73,36 @@ export function explain(registry: Registry, problem: Problem, options: SelectOpt
 
 /** Verdicts as an indented table, one line each; `*` marks the chosen backend. */
 export function formatVerdicts(verdicts: readonly Verdict[]): string {
-  return verdicts.map((v) => `  ${v.chosen ? "*" : "-"} ${v.backend}: ${v.priority === null ? "no" : `yes (priority ${v.priority})`}, ${v.reason}`).join("\n");
+  return verdicts.map((v) =>
+    `  ${v.chosen ? "*" : "-"} ${v.backend}: ${v.priority === null ? "no" : `yes (priority ${v.priority})`}, ${v.reason}`
+  ).join("\n");
 }
 
 /** Picks the backend for a problem, or throws a MoeffiError that gives every reason. */
-export function select(registry: Registry, problem: Problem, options: SelectOptions = {}): { backend: Backend; verdicts: Verdict[] } {
+export function select(
+  registry: Registry,
+  problem: Problem,
+  options: SelectOptions = {},
+): { backend: Backend; verdicts: Verdict[] } {
   const names = registry.backends.map((b) => b.name);
   for (const name of [options.backend ?? [], options.disable ?? []].flat()) {
     if (!names.includes(name)) {
-      throw new MoeffiError("unknown_backend", `unknown backend "${name}"; loaded: ${names.join(", ") || "none"}` +
-        registry.skipped.map((s) => `; skipped ${s.path}: ${s.reason}`).join(""));
+      throw new MoeffiError(
+        "unknown_backend",
+        `unknown backend "${name}"; loaded: ${names.join(", ") || "none"}` +
+          registry.skipped.map((s) => `; skipped ${s.path}: ${s.reason}`).join(""),
+      );
     }
   }
   const verdicts = explain(registry, problem, options);
   if (options.log) {
-    for (const v of verdicts) console.error(`moeffi: ${problem.op}: ${v.backend} ${v.chosen ? "chosen" : v.priority === null ? "rejected" : "passed over"}: ${v.reason}`);
+    for (const v of verdicts) {
+      console.error(
+        `moeffi: ${problem.op}: ${v.backend} ${
+          v.chosen ? "chosen" : v.priority === null ? "rejected" : "passed over"
+        }: ${v.reason}`,
+      );
+    }
   }
   const chosen = verdicts.find((v) => v.chosen);
   if (chosen) return { backend: registry.backends.find((b) => b.name === chosen.backend)!, verdicts };
@@ -106,5 +124,7 @@ export function describeProblem(p: Problem): string {
     : p.op === "nvfp4_silu_quant"
     ? `M=${p.m} N=${p.n} E=${p.experts}`
     : `M=${p.m} K=${p.k} E=${p.experts}`;
-  return `${p.op} (${dims}) on ${p.device === "cpu" ? "cpu" : `cuda:${p.deviceIndex}`}${p.flags & FLAG_BATCH_INVARIANT ? ", batch invariant" : ""}`;
+  return `${p.op} (${dims}) on ${p.device === "cpu" ? "cpu" : `cuda:${p.deviceIndex}`}${
+    p.flags & FLAG_BATCH_INVARIANT ? ", batch invariant" : ""
+  }`;
 }

@@ -24,13 +24,36 @@ export class CheckpointError extends MoeffiError {
 // Bits per element of every dtype the format defines, so a header is checked in full even when it
 // holds tensors moeffi never reads (an I64 position table, F8_E5M2 weights, ...).
 const DTYPE_BITS: Record<string, number> = {
-  BOOL: 8, U8: 8, I8: 8, F8_E5M2: 8, F8_E4M3: 8, F8_E8M0: 8, F4: 4, F6_E2M3: 6, F6_E3M2: 6,
-  I16: 16, U16: 16, F16: 16, BF16: 16, I32: 32, U32: 32, F32: 32, I64: 64, U64: 64, F64: 64, C64: 64,
+  BOOL: 8,
+  U8: 8,
+  I8: 8,
+  F8_E5M2: 8,
+  F8_E4M3: 8,
+  F8_E8M0: 8,
+  F4: 4,
+  F6_E2M3: 6,
+  F6_E3M2: 6,
+  I16: 16,
+  U16: 16,
+  F16: 16,
+  BF16: 16,
+  I32: 32,
+  U32: 32,
+  F32: 32,
+  I64: 64,
+  U64: 64,
+  F64: 64,
+  C64: 64,
 };
 
 /** The safetensors dtypes moeffi reads, and the Tensor dtype each becomes (F16 is widened to f32, exactly). */
 export const READABLE_DTYPES: Readonly<Record<string, DType>> = {
-  F8_E4M3: "fp8_e4m3", BF16: "bf16", F16: "f32", F32: "f32", I32: "i32", U8: "u8",
+  F8_E4M3: "fp8_e4m3",
+  BF16: "bf16",
+  F16: "f32",
+  F32: "f32",
+  I32: "i32",
+  U8: "u8",
 };
 
 // The reference implementation refuses larger headers too; it stops a corrupt length from
@@ -86,7 +109,11 @@ function parseEntry(file: string, name: string, raw: unknown, dataStart: number,
   }
   const [begin, end] = offsets;
   if (end > dataBytes) {
-    throw bad(`data_offsets ${fmt(offsets)} run past the end of the data section (${dataBytes} bytes): the file is truncated or its header lies`);
+    throw bad(
+      `data_offsets ${
+        fmt(offsets)
+      } run past the end of the data section (${dataBytes} bytes): the file is truncated or its header lies`,
+    );
   }
   const bits = numel(shape) * DTYPE_BITS[dtype];
   if (bits !== (end - begin) * 8) {
@@ -101,15 +128,26 @@ function checkNoOverlap(file: string, tensors: TensorInfo[]): void {
   for (let i = 1; i < sorted.length; i++) {
     const prev = sorted[i - 1], cur = sorted[i];
     if (cur.start < prev.end) {
-      throw new CheckpointError(file, cur.name, `its bytes [${cur.start}, ${cur.end}) overlap tensor ${prev.name} [${prev.start}, ${prev.end})`);
+      throw new CheckpointError(
+        file,
+        cur.name,
+        `its bytes [${cur.start}, ${cur.end}) overlap tensor ${prev.name} [${prev.start}, ${prev.end})`,
+      );
     }
   }
 }
 
 function parseMetadata(file: string, raw: unknown): Record<string, string> {
   if (raw === undefined) return {};
-  const ok = typeof raw === "object" && raw !== null && !Array.isArray(raw) && Object.values(raw).every((v) => typeof v === "string");
-  if (!ok) throw new CheckpointError(file, undefined, `__metadata__ must map strings to strings, got ${JSON.stringify(raw).slice(0, 200)}`);
+  const ok = typeof raw === "object" && raw !== null && !Array.isArray(raw) &&
+    Object.values(raw).every((v) => typeof v === "string");
+  if (!ok) {
+    throw new CheckpointError(
+      file,
+      undefined,
+      `__metadata__ must map strings to strings, got ${JSON.stringify(raw).slice(0, 200)}`,
+    );
+  }
   return raw as Record<string, string>;
 }
 
@@ -118,7 +156,11 @@ function readExactly(fd: number, file: string, dest: Uint8Array, position: numbe
   for (let done = 0; done < dest.length;) {
     const n = readSync(fd, dest, done, Math.min(dest.length - done, MAX_READ), position + done);
     if (n === 0) {
-      throw new CheckpointError(file, undefined, `unexpected end of file at byte ${position + done} (the file shrank after it was opened?)`);
+      throw new CheckpointError(
+        file,
+        undefined,
+        `unexpected end of file at byte ${position + done} (the file shrank after it was opened?)`,
+      );
     }
     done += n;
   }
@@ -126,14 +168,22 @@ function readExactly(fd: number, file: string, dest: Uint8Array, position: numbe
 
 /** The header of an open file: tensors by name, metadata, and where data starts. */
 function readHeader(fd: number, file: string, size: number) {
-  if (size < 8) throw new CheckpointError(file, undefined, `file is ${size} bytes, too short for the 8-byte header length (truncated?)`);
+  if (size < 8) {
+    throw new CheckpointError(file, undefined, `file is ${size} bytes, too short for the 8-byte header length (truncated?)`);
+  }
   const lenBytes = new Uint8Array(8);
   readExactly(fd, file, lenBytes, 0);
   const len = new DataView(lenBytes.buffer).getBigUint64(0, true);
   if (len > BigInt(size - 8)) {
-    throw new CheckpointError(file, undefined, `header length ${len} runs past the end of the file (${size} bytes): truncated, or not a safetensors file`);
+    throw new CheckpointError(
+      file,
+      undefined,
+      `header length ${len} runs past the end of the file (${size} bytes): truncated, or not a safetensors file`,
+    );
   }
-  if (len > BigInt(MAX_HEADER_BYTES)) throw new CheckpointError(file, undefined, `header length ${len} exceeds the ${MAX_HEADER_BYTES}-byte limit`);
+  if (len > BigInt(MAX_HEADER_BYTES)) {
+    throw new CheckpointError(file, undefined, `header length ${len} exceeds the ${MAX_HEADER_BYTES}-byte limit`);
+  }
   const headerBytes = new Uint8Array(Number(len));
   readExactly(fd, file, headerBytes, 8);
   let json: unknown;
@@ -142,7 +192,9 @@ function readHeader(fd: number, file: string, size: number) {
   } catch (e) {
     throw new CheckpointError(file, undefined, `header is not valid UTF-8 JSON: ${(e as Error).message}`);
   }
-  if (typeof json !== "object" || json === null || Array.isArray(json)) throw new CheckpointError(file, undefined, "header is not a JSON object");
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    throw new CheckpointError(file, undefined, "header is not a JSON object");
+  }
   const dataStart = 8 + Number(len);
   const { __metadata__, ...entries } = json as Record<string, unknown>;
   const tensors = Object.entries(entries).map(([name, raw]) => parseEntry(file, name, raw, dataStart, size - dataStart));
@@ -165,11 +217,16 @@ function toTensor(info: TensorInfo, shape: number[], bytes: Uint8Array<ArrayBuff
   if (!LITTLE_ENDIAN) throw new CheckpointError(info.file, info.name, "safetensors data is little-endian; this host is not");
   const { buffer, byteOffset: o, length: n } = bytes;
   switch (info.dtype) {
-    case "F16": return new Tensor(dtype, shape, fromF16(new Uint16Array(buffer, o, n / 2)));
-    case "BF16": return new Tensor(dtype, shape, new Uint16Array(buffer, o, n / 2));
-    case "F32": return new Tensor(dtype, shape, new Float32Array(buffer, o, n / 4));
-    case "I32": return new Tensor(dtype, shape, new Int32Array(buffer, o, n / 4));
-    default: return new Tensor(dtype, shape, bytes); // F8_E4M3, U8
+    case "F16":
+      return new Tensor(dtype, shape, fromF16(new Uint16Array(buffer, o, n / 2)));
+    case "BF16":
+      return new Tensor(dtype, shape, new Uint16Array(buffer, o, n / 2));
+    case "F32":
+      return new Tensor(dtype, shape, new Float32Array(buffer, o, n / 4));
+    case "I32":
+      return new Tensor(dtype, shape, new Int32Array(buffer, o, n / 4));
+    default:
+      return new Tensor(dtype, shape, bytes); // F8_E4M3, U8
   }
 }
 
@@ -248,7 +305,9 @@ export class SafetensorsFile implements TensorSource {
     const [s, e] = whole ? [0, rowCount(info)] : [start ?? 0, end ?? info.shape[0]];
     if (!whole) this.#checkRows(info, s, e);
     const bytes = whole ? info.end - info.start : (e - s) * rowBytes(info);
-    if (dest.length !== bytes) throw new CheckpointError(this.path, name, `destination holds ${dest.length} bytes, the read needs ${bytes}`);
+    if (dest.length !== bytes) {
+      throw new CheckpointError(this.path, name, `destination holds ${dest.length} bytes, the read needs ${bytes}`);
+    }
     readExactly(this.#open(), this.path, dest, info.start + s * rowBytes(info));
   }
 
@@ -257,12 +316,18 @@ export class SafetensorsFile implements TensorSource {
     if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || start > end || end > info.shape[0]) {
       throw new CheckpointError(this.path, info.name, `rows [${start}, ${end}) are not a range within its ${info.shape[0]} rows`);
     }
-    if (!Number.isInteger(rowBytes(info))) throw new CheckpointError(this.path, info.name, `its ${info.dtype} rows do not start on byte boundaries`);
+    if (!Number.isInteger(rowBytes(info))) {
+      throw new CheckpointError(this.path, info.name, `its ${info.dtype} rows do not start on byte boundaries`);
+    }
   }
 
   #readTensor(info: TensorInfo, start: number, end: number, shape: number[]): Tensor {
     if (!(info.dtype in READABLE_DTYPES)) {
-      throw new CheckpointError(this.path, info.name, `dtype ${info.dtype} is not readable by moeffi (readable: ${Object.keys(READABLE_DTYPES).join(", ")})`);
+      throw new CheckpointError(
+        this.path,
+        info.name,
+        `dtype ${info.dtype} is not readable by moeffi (readable: ${Object.keys(READABLE_DTYPES).join(", ")})`,
+      );
     }
     const bytes = new Uint8Array(new ArrayBuffer((end - start) * rowBytes(info)));
     readExactly(this.#open(), this.path, bytes, info.start + start * rowBytes(info));
@@ -319,8 +384,11 @@ function resolveCheckpoint(path: string): { index?: string; file?: string } {
   if (entries.includes("model.safetensors")) return { file: join(path, "model.safetensors") };
   const file = pick(entries.filter((f) => f.endsWith(".safetensors")));
   if (file) return { file };
-  throw new CheckpointError(path, undefined,
-    "found no model.safetensors.index.json, no model.safetensors and not exactly one other *.safetensors file to read");
+  throw new CheckpointError(
+    path,
+    undefined,
+    "found no model.safetensors.index.json, no model.safetensors and not exactly one other *.safetensors file to read",
+  );
 }
 
 /**
@@ -380,9 +448,11 @@ export class SafetensorsCheckpoint implements TensorSource {
   #fileOf(name: string): SafetensorsFile {
     if (this.#disposed) throw new MoeffiError("disposed", `${this.path}: checkpoint used after dispose()`);
     const path = this.#weights.get(name);
-    if (path === undefined) throw new CheckpointError(this.path, name, `not found (the checkpoint holds ${this.#weights.size} tensors)`);
+    if (path === undefined) {
+      throw new CheckpointError(this.path, name, `not found (the checkpoint holds ${this.#weights.size} tensors)`);
+    }
     let f = this.#open.get(path);
-    if (!f) this.#open.set(path, (f = new SafetensorsFile(path)));
+    if (!f) this.#open.set(path, f = new SafetensorsFile(path));
     if (!f.has(name)) throw new CheckpointError(this.path, name, `the index maps it to ${path}, which does not hold it`);
     return f;
   }

@@ -65,9 +65,12 @@ export class Tensor<D extends DType = DType> implements TensorLike {
   /** Decoded values (bf16 and fp8 widened to fp32). */
   toFloat32(): Float32Array {
     switch (this.dtype) {
-      case "bf16": return fromBf16(this.data as Uint16Array);
-      case "fp8_e4m3": return fromE4m3(this.data as Uint8Array);
-      default: return Float32Array.from(this.data as ArrayLike<number>);
+      case "bf16":
+        return fromBf16(this.data as Uint16Array);
+      case "fp8_e4m3":
+        return fromE4m3(this.data as Uint8Array);
+      default:
+        return Float32Array.from(this.data as ArrayLike<number>);
     }
   }
 }
@@ -83,13 +86,22 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
   }
   const Ctor = ARRAYS[dtype];
   if (ArrayBuffer.isView(data) && !(data instanceof Ctor)) {
-    throw new ArgumentError("data", shape, `a ${Ctor.name} (or plain numbers) for dtype ${dtype}`, `got a ${data.constructor.name}`);
+    throw new ArgumentError(
+      "data",
+      shape,
+      `a ${Ctor.name} (or plain numbers) for dtype ${dtype}`,
+      `got a ${data.constructor.name}`,
+    );
   }
   const values = data as readonly number[] | undefined;
-  const arr = ArrayBuffer.isView(data) ? data
-    : values === undefined ? new Ctor(numel(shape))
-    : dtype === "bf16" ? toBf16(values)
-    : dtype === "fp8_e4m3" ? toE4m3(values)
+  const arr = ArrayBuffer.isView(data)
+    ? data
+    : values === undefined
+    ? new Ctor(numel(shape))
+    : dtype === "bf16"
+    ? toBf16(values)
+    : dtype === "fp8_e4m3"
+    ? toE4m3(values)
     : new Ctor(values);
   return new Tensor(dtype, [...shape], arr as ArrayFor<D>);
 }

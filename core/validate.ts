@@ -2,7 +2,7 @@
 // ArgumentError naming the argument, its shape and what was expected.
 import { ACT_SCALES, type ActScale, WEIGHT_SCALES, type WeightScale } from "../ffi/abi.ts";
 import { ArgumentError } from "./errors.ts";
-import { type Device, type DType, type TensorLike } from "./tensor.ts";
+import type { Device, DType, TensorLike } from "./tensor.ts";
 
 export const cdiv = (a: number, b: number) => Math.ceil(a / b);
 
@@ -30,7 +30,13 @@ export function expectScheme(weightScale: unknown, actScale: unknown): [WeightSc
 }
 
 /** dtype, exact shape and device of a tensor argument. */
-export function expectTensor(name: string, t: TensorLike | undefined, dtype: DType, shape: readonly number[], device: Device): void {
+export function expectTensor(
+  name: string,
+  t: TensorLike | undefined,
+  dtype: DType,
+  shape: readonly number[],
+  device: Device,
+): void {
   const want = `${dtype} [${shape.join(", ")}] on ${device}`;
   if (!t || typeof t !== "object" || !("dtype" in t)) throw new ArgumentError(name, undefined, `a tensor ${want}`, "got none");
   if (t.dtype !== dtype) throw new ArgumentError(name, t.shape, want, `got dtype ${t.dtype}`);
@@ -67,7 +73,12 @@ export function expectIds(name: string, t: TensorLike, experts: number): void {
   const cols = t.shape[1];
   for (let i = 0; i < d.length; i++) {
     if (d[i] < -1 || d[i] >= experts) {
-      throw new ArgumentError(name, t.shape, `expert ids in [0, ${experts}) or -1`, `[${Math.floor(i / cols)}, ${i % cols}] is ${d[i]}`);
+      throw new ArgumentError(
+        name,
+        t.shape,
+        `expert ids in [0, ${experts}) or -1`,
+        `[${Math.floor(i / cols)}, ${i % cols}] is ${d[i]}`,
+      );
     }
   }
 }
@@ -76,7 +87,8 @@ export function expectIds(name: string, t: TensorLike, experts: number): void {
 export function expectOffsets(name: string, t: TensorLike, rows: number): void {
   const d = hostData(t);
   if (!d) return;
-  const bad = (i: number, why: string) => new ArgumentError(name, t.shape, `row starts from 0 to ${rows}, non-decreasing`, `element ${i} ${why}`);
+  const bad = (i: number, why: string) =>
+    new ArgumentError(name, t.shape, `row starts from 0 to ${rows}, non-decreasing`, `element ${i} ${why}`);
   if (d[0] !== 0) throw bad(0, `is ${d[0]}`);
   for (let i = 1; i < d.length; i++) if (d[i] < d[i - 1]) throw bad(i, `is ${d[i]} < ${d[i - 1]}`);
   if (d[d.length - 1] !== rows) throw bad(d.length - 1, `is ${d[d.length - 1]}, not ${rows}`);

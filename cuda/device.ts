@@ -1,17 +1,26 @@
 // CUDA devices and device tensors for the core: memory, one stream per device, uploads, downloads,
 // and synchronization that never blocks the event loop (the stream is polled, in Deno and Bun alike).
 import { MoeffiError } from "../core/errors.ts";
-import { numel, type DType, Tensor, tensor, type TensorLike } from "../core/tensor.ts";
+import { type DType, numel, type Tensor, tensor, type TensorLike } from "../core/tensor.ts";
 import { ERROR_FLAGS } from "../ffi/abi.ts";
 import { runtime } from "../ffi/runtime.ts";
 import {
-  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, CU_MEMHOSTALLOC_DEVICEMAP,
-  CU_STREAM_CAPTURE_MODE_RELAXED, CU_STREAM_NON_BLOCKING, CUDA_ERROR_NOT_READY, cudaDriver, type Driver, errorString,
+  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+  CU_MEMHOSTALLOC_DEVICEMAP,
+  CU_STREAM_CAPTURE_MODE_RELAXED,
+  CU_STREAM_NON_BLOCKING,
+  CUDA_ERROR_NOT_READY,
+  cudaDriver,
+  type Driver,
+  errorString,
 } from "./driver.ts";
 
 export const BYTES: Record<DType, number> = { bf16: 2, f32: 4, i32: 4, fp8_e4m3: 1, u8: 1 };
 
-const freeDevice = new FinalizationRegistry<{ device: CudaDevice; address: bigint }>(({ device, address }) => device.free(address));
+const freeDevice = new FinalizationRegistry<{ device: CudaDevice; address: bigint }>(({ device, address }) =>
+  device.free(address)
+);
 
 /** A tensor in the memory of one CUDA device. */
 export class DeviceTensor<D extends DType = DType> implements TensorLike, Disposable {
@@ -56,7 +65,7 @@ export class CudaDevice {
 
   static get(ordinal: number): CudaDevice {
     let d = devices.get(ordinal);
-    if (!d) devices.set(ordinal, (d = new CudaDevice(ordinal)));
+    if (!d) devices.set(ordinal, d = new CudaDevice(ordinal));
     return d;
   }
 
@@ -85,7 +94,9 @@ export class CudaDevice {
   }
 
   check(status: number, what: string): void {
-    if (status !== 0) throw new MoeffiError("device_error", `cuda:${this.ordinal}: ${what} failed: ${errorString(this.#driver, status)}`);
+    if (status !== 0) {
+      throw new MoeffiError("device_error", `cuda:${this.ordinal}: ${what} failed: ${errorString(this.#driver, status)}`);
+    }
   }
 
   alloc(bytes: number): bigint {
@@ -112,7 +123,9 @@ export class CudaDevice {
 
   /** Overwrites a device tensor with a host tensor of the same size (ordered on the stream). */
   write<D extends DType>(dst: DeviceTensor<D>, src: Tensor<D>): void {
-    if (src.data.byteLength !== dst.bytes) throw new MoeffiError("invalid_argument", `write: ${src.data.byteLength} bytes into a ${dst.bytes}-byte tensor`);
+    if (src.data.byteLength !== dst.bytes) {
+      throw new MoeffiError("invalid_argument", `write: ${src.data.byteLength} bytes into a ${dst.bytes}-byte tensor`);
+    }
     if (dst.bytes === 0) return;
     const bytes = new Uint8Array(src.data.buffer, src.data.byteOffset, src.data.byteLength);
     this.check(this.#driver.cuMemcpyHtoDAsync_v2(dst.address(), bytes, BigInt(dst.bytes), this.stream), "cuMemcpyHtoDAsync");
@@ -127,7 +140,12 @@ export class CudaDevice {
   /** Copies src into dst, device to device, the first min(dst, src) bytes (ordered on the stream). */
   copy(dst: DeviceTensor, src: DeviceTensor): void {
     const bytes = Math.min(dst.bytes, src.bytes);
-    if (bytes > 0) this.check(this.#driver.cuMemcpyDtoDAsync_v2(dst.address(), src.address(), BigInt(bytes), this.stream), "cuMemcpyDtoDAsync");
+    if (bytes > 0) {
+      this.check(
+        this.#driver.cuMemcpyDtoDAsync_v2(dst.address(), src.address(), BigInt(bytes), this.stream),
+        "cuMemcpyDtoDAsync",
+      );
+    }
   }
 
   async download<D extends DType>(t: DeviceTensor<D>): Promise<Tensor<D>> {

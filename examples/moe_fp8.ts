@@ -43,7 +43,9 @@ for (const h of out.data) hash = Math.imul(hash ^ h, 0x01000193) >>> 0;
 const values = out.toFloat32();
 const mean = values.reduce((a, v) => a + Math.abs(v), 0) / values.length;
 
-console.log(`moeffi fp8_moe: M=${tokens} K=${hidden} N=${intermediate} E=${experts} topk=${topk}, per-channel weights, dynamic per-token activations`);
+console.log(
+  `moeffi fp8_moe: M=${tokens} K=${hidden} N=${intermediate} E=${experts} topk=${topk}, per-channel weights, dynamic per-token activations`,
+);
 console.log(`backend: ${layer.backendName}`);
 console.log(formatVerdicts(layer.verdicts));
 console.log(`forward (routing + experts): ${ms.toFixed(1)} ms (first call ${first.toFixed(1)} ms)`);

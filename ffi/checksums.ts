@@ -13,5 +13,4 @@ export interface PlatformChecksum {
 export const VERSION = "0.1.0";
 
 /** Release archives by platform ("linux-x64", ...). */
-export const CHECKSUMS: Readonly<Record<string, PlatformChecksum>> = {
-};
+export const CHECKSUMS: Readonly<Record<string, PlatformChecksum>> = {};

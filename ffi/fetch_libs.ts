@@ -12,7 +12,19 @@
 // (the release host, first run only), --allow-read/--allow-write (the cache), --allow-env, --allow-ffi;
 // or simply -A. Archives are unpacked by ./tar.ts, not by a `tar` binary.
 import { createHash } from "node:crypto";
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
@@ -82,7 +94,9 @@ export async function resolveLibDir(source: LibSource = {}): Promise<string> {
   const expected = checksums[platform];
   if (!expected) {
     throw new LibraryFetchError(
-      `no prebuilt moeffi ${version} backends for ${platform} (this release has: ${Object.keys(checksums).join(", ") || "none"}); ` +
+      `no prebuilt moeffi ${version} backends for ${platform} (this release has: ${
+        Object.keys(checksums).join(", ") || "none"
+      }); ` +
         "build them with `deno task build` in a checkout and set MOEFFI_LIB_DIR to its build/lib folder",
     );
   }
@@ -143,7 +157,12 @@ async function download(url: string, file: string, log: NonNullable<LibSource["l
   const fd = openSync(file, "wx");
   let received = 0, shown = 0;
   const show = (final: boolean) =>
-    log(`moeffi: downloading ${url}: ${received} / ${total || "?"} bytes${total ? ` (${Math.floor((100 * received) / total)}%)` : ""}`, final);
+    log(
+      `moeffi: downloading ${url}: ${received} / ${total || "?"} bytes${
+        total ? ` (${Math.floor((100 * received) / total)}%)` : ""
+      }`,
+      final,
+    );
   try {
     const reader = res.body.getReader();
     for (let r = await reader.read(); !r.done; r = await reader.read()) {

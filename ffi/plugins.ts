@@ -5,8 +5,20 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { MoeffiError } from "../core/errors.ts";
 import {
-  ABI_VERSION, cString, decodeManifest, encodeProblem, encodeTensors, encodeWeights, LAYOUT, LAYOUT_IDS,
-  type Manifest, PLUGIN_SYMBOLS, type Problem, STATUS, type TensorAddresses, type WeightAddresses,
+  ABI_VERSION,
+  cString,
+  decodeManifest,
+  encodeProblem,
+  encodeTensors,
+  encodeWeights,
+  LAYOUT,
+  LAYOUT_IDS,
+  type Manifest,
+  PLUGIN_SYMBOLS,
+  type Problem,
+  STATUS,
+  type TensorAddresses,
+  type WeightAddresses,
 } from "./abi.ts";
 import { type NativeLibrary, runtime } from "./runtime.ts";
 import { PREBUILT_LIB_DIR } from "./fetch_libs.ts";
@@ -61,7 +73,13 @@ export class Backend {
   prepare(problem: Problem, weights: Partial<WeightAddresses>): bigint {
     const handle = new BigUint64Array(1);
     const message = new Uint8Array(MESSAGE_BYTES);
-    const status = this.lib.symbols.moeffi_prepare(encodeProblem(problem), encodeWeights(weights), handle, message, message.length);
+    const status = this.lib.symbols.moeffi_prepare(
+      encodeProblem(problem),
+      encodeWeights(weights),
+      handle,
+      message,
+      message.length,
+    );
     this.check("prepare", problem, status, cString(message));
     return handle[0];
   }
@@ -87,10 +105,14 @@ export class Backend {
     this.lib.close();
   }
 
+  /** Throws a "backend_failed" MoeffiError unless status is MOEFFI_OK. */
   private check(what: string, problem: Problem, status: number, message: string) {
     if (status === 0) return;
     const kind = STATUS[status] ?? `status ${status}`;
-    throw new MoeffiError("backend_failed", `${this.name}: ${what} of ${problem.op} failed (${kind})${message ? `: ${message}` : ""}`);
+    throw new MoeffiError(
+      "backend_failed",
+      `${this.name}: ${what} of ${problem.op} failed (${kind})${message ? `: ${message}` : ""}`,
+    );
   }
 }
 
@@ -106,6 +128,7 @@ export interface Skipped {
 export interface Registry {
   /** Built-ins first, then plugins in folder order. */
   backends: Backend[];
+  /** Libraries and folders that did not load, with the reason. */
   skipped: Skipped[];
 }
 

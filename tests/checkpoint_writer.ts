@@ -16,7 +16,9 @@ export interface RawTensor {
 
 /** A RawTensor viewing a typed array's bytes (no copy). */
 export const raw = (dtype: string, shape: number[], data: ArrayBufferView): RawTensor => ({
-  dtype, shape, bytes: new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+  dtype,
+  shape,
+  bytes: new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
 });
 
 const made: string[] = [];
@@ -62,7 +64,11 @@ export function encodeSafetensors(tensors: Iterable<[string, RawTensor]>, metada
 }
 
 /** Writes encodeSafetensors(...) to `path`. */
-export function writeSafetensors(path: string, tensors: Iterable<[string, RawTensor]>, metadata?: Record<string, string>): string {
+export function writeSafetensors(
+  path: string,
+  tensors: Iterable<[string, RawTensor]>,
+  metadata?: Record<string, string>,
+): string {
   writeFileSync(path, encodeSafetensors(tensors, metadata));
   return path;
 }
@@ -129,10 +135,19 @@ function mixtralScale(r: Rng, e: number, rows: number): { shape: number[]; v: Fl
 function writeExpert(r: Rng, o: WriteOptions, e: number, base: string, out: Map<string, RawTensor>): ExpertSource {
   const { hidden: k, intermediate: n } = o, names = EXPERTS[o.format];
   const src: ExpertSource = {
-    gate: fp8Weights(r, n * k), up: fp8Weights(r, n * k), down: fp8Weights(r, k * n),
-    gateScale: new Float32Array(0), upScale: new Float32Array(0), downScale: new Float32Array(0),
+    gate: fp8Weights(r, n * k),
+    up: fp8Weights(r, n * k),
+    down: fp8Weights(r, k * n),
+    gateScale: new Float32Array(0),
+    upScale: new Float32Array(0),
+    downScale: new Float32Array(0),
   };
-  const mats = [[names.gate, src.gate, [n, k], "gateScale"], [names.up, src.up, [n, k], "upScale"], [names.down, src.down, [k, n], "downScale"]] as const;
+  const mats = [[names.gate, src.gate, [n, k], "gateScale"], [names.up, src.up, [n, k], "upScale"], [
+    names.down,
+    src.down,
+    [k, n],
+    "downScale",
+  ]] as const;
   for (const [proj, w, [rows, cols], key] of mats) {
     out.set(`${base}.${proj}.weight`, raw("F8_E4M3", [rows, cols], w));
     if (o.format === "mixtral") {
@@ -159,7 +174,10 @@ function writeSurroundings(r: Rng, o: WriteOptions, layer: number, out: Map<stri
   if (layer > 0 && o.format !== "mixtral") {
     // a dense first layer, FP8 like DeepSeek-V3's
     out.set("model.layers.0.mlp.gate_proj.weight", raw("F8_E4M3", [n, k], fp8Weights(r, n * k)));
-    out.set("model.layers.0.mlp.gate_proj.weight_scale_inv", raw("F32", [cdiv(n, 128), cdiv(k, 128)], r.scales(cdiv(n, 128) * cdiv(k, 128), 1)));
+    out.set(
+      "model.layers.0.mlp.gate_proj.weight_scale_inv",
+      raw("F32", [cdiv(n, 128), cdiv(k, 128)], r.scales(cdiv(n, 128) * cdiv(k, 128), 1)),
+    );
   }
   const router = o.format === "mixtral" ? "block_sparse_moe.gate" : "mlp.gate";
   out.set(`model.layers.${layer}.${router}.weight`, raw("BF16", [e, k], bf16Noise(r, e * k)));
@@ -174,8 +192,10 @@ export function writeMoeCheckpoint(o: WriteOptions): WrittenCheckpoint {
   const r = new Rng(o.seed), layer = o.layer ?? 1, dir = tempDir();
   const tensors = new Map<string, RawTensor>();
   writeSurroundings(r, o, layer, tensors);
-  const source = Array.from({ length: o.experts }, (_, e) =>
-    writeExpert(r, o, e, `model.layers.${layer}.${EXPERTS[o.format].experts}.${e}`, tensors));
+  const source = Array.from(
+    { length: o.experts },
+    (_, e) => writeExpert(r, o, e, `model.layers.${layer}.${EXPERTS[o.format].experts}.${e}`, tensors),
+  );
   o.tamper?.(tensors);
   const entries = [...tensors];
   if ((o.shards ?? 1) === 1) {

@@ -18,16 +18,29 @@ test("every CUDA backend loads and reports a CUDA manifest", () => {
   }
 });
 
-test("without a GPU each CUDA backend says why, and the oracle picks the reference", { skip: !noGpu && "a GPU is present" }, () => {
-  using ctx = new Context({ device: "cpu" });
-  const moe = { op: "fp8_moe" as const, m: 4, k: 64, n: 32, experts: 4, topk: 2, weightScale: "per-channel" as const, actScale: "dynamic-token" as const };
-  for (const name of CUDA_BACKENDS) {
-    const b = ctx.registry.backends.find((x) => x.name === name)!;
-    const onGpu = b.supported({ ...ctx.problem(moe), device: "cuda", deviceIndex: 0 });
-    assert.equal(onGpu.priority, null);
-    assert.match(onGpu.reason, /no CUDA device/i);
-    assert.match(b.supported(ctx.problem(moe)).reason, /CPU/);
-  }
-  assert.equal(ctx.explain(moe).find((v) => v.chosen)?.backend, "reference");
-  assert.throws(() => new Context({ device: "cuda:0" }), /no CUDA/);
-});
+test(
+  "without a GPU each CUDA backend says why, and the oracle picks the reference",
+  { skip: !noGpu && "a GPU is present" },
+  () => {
+    using ctx = new Context({ device: "cpu" });
+    const moe = {
+      op: "fp8_moe" as const,
+      m: 4,
+      k: 64,
+      n: 32,
+      experts: 4,
+      topk: 2,
+      weightScale: "per-channel" as const,
+      actScale: "dynamic-token" as const,
+    };
+    for (const name of CUDA_BACKENDS) {
+      const b = ctx.registry.backends.find((x) => x.name === name)!;
+      const onGpu = b.supported({ ...ctx.problem(moe), device: "cuda", deviceIndex: 0 });
+      assert.equal(onGpu.priority, null);
+      assert.match(onGpu.reason, /no CUDA device/i);
+      assert.match(b.supported(ctx.problem(moe)).reason, /CPU/);
+    }
+    assert.equal(ctx.explain(moe).find((v) => v.chosen)?.backend, "reference");
+    assert.throws(() => new Context({ device: "cuda:0" }), /no CUDA/);
+  },
+);

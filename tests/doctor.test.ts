@@ -18,8 +18,12 @@ function runDoctor(): Promise<{ code: number; stdout: string; stderr: string }> 
   // Selection variables of the caller would change the verdicts; the plugin path is kept out too.
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("MOEFFI_")));
   return new Promise((resolve) => {
-    execFile(process.execPath, args, { cwd: ROOT, env: { ...env, NO_COLOR: "1" }, timeout: 60_000, maxBuffer: 8 << 20 }, (err, stdout, stderr) =>
-      resolve({ code: err ? (typeof err.code === "number" ? err.code : -1) : 0, stdout, stderr }));
+    execFile(
+      process.execPath,
+      args,
+      { cwd: ROOT, env: { ...env, NO_COLOR: "1" }, timeout: 60_000, maxBuffer: 8 << 20 },
+      (err, stdout, stderr) => resolve({ code: err ? (typeof err.code === "number" ? err.code : -1) : 0, stdout, stderr }),
+    );
   });
 }
 
@@ -41,7 +45,9 @@ test("the doctor reports runtime, GPU, toolkit, backends and the oracle's pick f
     const start = stdout.indexOf(`  ${p.name}: K=${p.k} N=${p.n} E=${p.experts} topk=${p.topk}, M=16`);
     assert.ok(start >= 0, `no ${p.name} preset:\n${stdout}`);
     const block = stdout.slice(start).split(/\n {2}(?=\S)/)[0];
-    for (const op of OPS) assert.match(block, new RegExp(`^ {4}${op}: \\S+ \\(priority -?\\d+: .+\\)$`, "m"), `${p.name} ${op}:\n${block}`);
+    for (const op of OPS) {
+      assert.match(block, new RegExp(`^ {4}${op}: \\S+ \\(priority -?\\d+: .+\\)$`, "m"), `${p.name} ${op}:\n${block}`);
+    }
     assert.match(block, /^ {6}\* \S+: yes/m, "the chosen backend is marked");
   }
 });

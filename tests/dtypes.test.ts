@@ -37,7 +37,10 @@ test("e4m3: every finite code round-trips; midpoints and neighbours round to nea
 
 test("e2m1: the eight magnitudes, ties to even, saturation, sign", () => {
   assert.deepEqual([0, 1, 2, 3, 4, 5, 6, 7].map(decodeE2m1), [0, 0.5, 1, 1.5, 2, 3, 4, 6]);
-  const cases: [number, number][] = [[0.25, 0], [0.75, 2], [1.25, 2], [1.75, 4], [2.5, 4], [3.5, 6], [5, 6], [7, 7], [-6, 0xf], [-0.1, 0x8]];
+  const cases: [number, number][] = [[0.25, 0], [0.75, 2], [1.25, 2], [1.75, 4], [2.5, 4], [3.5, 6], [5, 6], [7, 7], [-6, 0xf], [
+    -0.1,
+    0x8,
+  ]];
   for (const [x, code] of cases) assert.equal(encodeE2m1(x), code, `x = ${x}`);
   const codes = [0, 1, 2, 3, 4, 5, 6, 7];
   for (let x = 0; x <= 7; x += 1 / 64) assert.equal(encodeE2m1(x), nearest(Math.min(x, 6), codes, decodeE2m1), `x = ${x}`);

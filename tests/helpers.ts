@@ -53,11 +53,22 @@ export class Rng {
 export const dim16 = (r: Rng, max: number) => 16 * r.int(1, Math.max(1, Math.floor(max / 16)));
 
 export interface MoeCase {
-  m: number; n: number; k: number; experts: number; topk: number;
-  weightScale: WeightScale; actScale: ActScale;
-  x: Uint16Array; topkIds: Int32Array; topkWeights: Float32Array;
-  w13: Uint8Array; w13Scale: Float32Array; w2: Uint8Array; w2Scale: Float32Array;
-  a1Scale?: number; a2Scale?: number;
+  m: number;
+  n: number;
+  k: number;
+  experts: number;
+  topk: number;
+  weightScale: WeightScale;
+  actScale: ActScale;
+  x: Uint16Array;
+  topkIds: Int32Array;
+  topkWeights: Float32Array;
+  w13: Uint8Array;
+  w13Scale: Float32Array;
+  w2: Uint8Array;
+  w2Scale: Float32Array;
+  a1Scale?: number;
+  a2Scale?: number;
 }
 
 /** Random fp8 codes over the whole format (magnitudes 2^-9 to 448), NaN codes excluded. */
@@ -85,15 +96,27 @@ export function randomMoe(r: Rng, o: Partial<MoeCase> = {}): MoeCase {
   const topkIds = new Int32Array(m * topk);
   for (let i = 0; i < topkIds.length; i++) topkIds[i] = r.next() < 0.05 ? -1 : r.int(0, experts - 1); // repeats allowed
   const topkWeights = Float32Array.from({ length: m * topk }, () => r.next());
-  const ws = (rows: number, cols: number) => r.scales(weightScaleShape(weightScale, rows, cols, experts).reduce((a, b) => a * b), 1 / 2048);
+  const ws = (rows: number, cols: number) =>
+    r.scales(weightScaleShape(weightScale, rows, cols, experts).reduce((a, b) => a * b), 1 / 2048);
   return {
-    m, n, k, experts, topk, weightScale, actScale,
+    m,
+    n,
+    k,
+    experts,
+    topk,
+    weightScale,
+    actScale,
     x: toBf16(r.values(m * k)),
-    topkIds, topkWeights,
-    w13: fp8Weights(r, experts * 2 * n * k), w13Scale: ws(2 * n, k),
-    w2: fp8Weights(r, experts * k * n), w2Scale: ws(k, n),
+    topkIds,
+    topkWeights,
+    w13: fp8Weights(r, experts * 2 * n * k),
+    w13Scale: ws(2 * n, k),
+    w2: fp8Weights(r, experts * k * n),
+    w2Scale: ws(k, n),
     // static scales near amax/448 of the data, sometimes small enough to saturate
-    ...(actScale === "static-tensor" ? { a1Scale: 4 / 448 * 2 ** (r.next() * 2 - 1), a2Scale: 0.5 / 448 * 2 ** (r.next() * 2 - 1) } : {}),
+    ...(actScale === "static-tensor"
+      ? { a1Scale: 4 / 448 * 2 ** (r.next() * 2 - 1), a2Scale: 0.5 / 448 * 2 ** (r.next() * 2 - 1) }
+      : {}),
     ...o,
   };
 }
@@ -116,7 +139,8 @@ export function moeTensors(c: MoeCase) {
 }
 
 /** A bf16 output buffer filled with NaN, so an element the backend never wrote cannot pass. */
-export const poisonedBf16 = (shape: number[]) => tensor("bf16", shape, new Uint16Array(shape.reduce((a, b) => a * b, 1)).fill(0x7fc1));
+export const poisonedBf16 = (shape: number[]) =>
+  tensor("bf16", shape, new Uint16Array(shape.reduce((a, b) => a * b, 1)).fill(0x7fc1));
 
 /**
  * Compares a bf16 output with a float64 reference, row by row. Tolerance per element:
@@ -126,7 +150,13 @@ export const poisonedBf16 = (shape: number[]) => tensor("bf16", shape, new Uint1
  *                          output row by a fraction of its largest term.
  * Returns the first violation, or undefined.
  */
-export function compareBf16(got: Uint16Array, ref: Float64Array, cols: number, rowTol: number, relTol = 2 ** -8): string | undefined {
+export function compareBf16(
+  got: Uint16Array,
+  ref: Float64Array,
+  cols: number,
+  rowTol: number,
+  relTol = 2 ** -8,
+): string | undefined {
   for (let r = 0; r * cols < ref.length; r++) {
     let rowMax = 0;
     for (let c = 0; c < cols; c++) rowMax = Math.max(rowMax, Math.abs(ref[r * cols + c]));
@@ -134,7 +164,9 @@ export function compareBf16(got: Uint16Array, ref: Float64Array, cols: number, r
       const i = r * cols + c, g = bf16ToF32(got[i]), want = ref[i];
       const tol = relTol * Math.abs(want) + rowTol * rowMax + 1e-30;
       if (!(Math.abs(g - want) <= tol)) {
-        return `[${r}, ${c}]: got ${g}, want ${want} (|diff| ${Math.abs(g - want).toExponential(3)} > tol ${tol.toExponential(3)}, row max ${rowMax.toExponential(3)})`;
+        return `[${r}, ${c}]: got ${g}, want ${want} (|diff| ${Math.abs(g - want).toExponential(3)} > tol ${
+          tol.toExponential(3)
+        }, row max ${rowMax.toExponential(3)})`;
       }
     }
   }

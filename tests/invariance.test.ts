@@ -9,7 +9,10 @@ import type { ActScale, WeightScale } from "../ffi/abi.ts";
 const SEED = seed();
 const ctx = new Context({ device: "cpu", batchInvariant: true });
 const SIZES = [1, 16, 17, 32, 64, 65, 256, 257];
-const SCHEMES: [WeightScale, ActScale][] = [["per-channel", "dynamic-token"], ["block-128", "dynamic-group-128"], ["per-tensor", "static-tensor"]];
+const SCHEMES: [WeightScale, ActScale][] = [["per-channel", "dynamic-token"], ["block-128", "dynamic-group-128"], [
+  "per-tensor",
+  "static-tensor",
+]];
 
 /** Row r of a [rows, cols] bf16 batch. */
 const rows = (a: Uint16Array, cols: number, r: number) => a.slice(r * cols, (r + 1) * cols);
@@ -18,7 +21,8 @@ for (const [weightScale, actScale] of SCHEMES) {
   test(`fp8_moe ${weightScale}/${actScale}: a needle row is bit-identical in batches of ${SIZES.join(", ")}`, async () => {
     const r = new Rng(SEED);
     const base = randomMoe(r, { experts: 16, topk: 4, m: 1, k: 256, n: 144, weightScale, actScale });
-    using layer = new MoeLayer({ hidden: 256, intermediate: 144, experts: 16, topk: 4, weightScale, actScale, context: ctx }).load(moeTensors(base).weights);
+    using layer = new MoeLayer({ hidden: 256, intermediate: 144, experts: 16, topk: 4, weightScale, actScale, context: ctx })
+      .load(moeTensors(base).weights);
     assert.equal(layer.backendName, "reference");
     const needle = moeTensors(base);
     const alone = await layer.forward(needle.x, needle.topkIds, needle.topkWeights);
@@ -38,7 +42,13 @@ test("fp8_scaled_mm per-channel/dynamic-token: a needle row is bit-identical in 
   const r = new Rng(SEED + 1);
   const k = 2048, n = 1024; // the first shape of vLLM's batch-invariant linear test
   const w = fp8Weights(r, n * k);
-  using lin = new Fp8Linear({ inFeatures: k, outFeatures: n, weightScale: "per-channel", actScale: "dynamic-token", context: ctx })
+  using lin = new Fp8Linear({
+    inFeatures: k,
+    outFeatures: n,
+    weightScale: "per-channel",
+    actScale: "dynamic-token",
+    context: ctx,
+  })
     .load({ w: tensor("fp8_e4m3", [n, k], w), wScale: tensor("f32", [n], r.scales(n, 1 / 4096)) });
   const needle = toBf16(r.values(k));
   const alone = await lin.forward(tensor("bf16", [1, k], needle));

@@ -14,9 +14,24 @@ import { nvccPath, ROOT } from "../backends/build.ts";
 const run = promisify(execFile);
 const nvcc = nvccPath();
 
-test("nvfp4 numerics: the shortcuts equal their definitions (host check, quick mode)", { skip: !nvcc && "nvcc not found" }, async () => {
-  const exe = join(mkdtempSync(join(tmpdir(), "moeffi-numerics-")), "check");
-  await run(nvcc!, ["-O2", "-Xcompiler", "-fopenmp", "-I", join(ROOT, "cuda"), "-I", join(ROOT, "backends"), join(ROOT, "tests", "nvfp4_numerics_check.cu"), "-o", exe]);
-  const { stdout } = await run(exe, ["quick"], { timeout: 120_000 });
-  assert.match(stdout, /^6 passed, 0 failed$/m, stdout);
-});
+test(
+  "nvfp4 numerics: the shortcuts equal their definitions (host check, quick mode)",
+  { skip: !nvcc && "nvcc not found" },
+  async () => {
+    const exe = join(mkdtempSync(join(tmpdir(), "moeffi-numerics-")), "check");
+    await run(nvcc!, [
+      "-O2",
+      "-Xcompiler",
+      "-fopenmp",
+      "-I",
+      join(ROOT, "cuda"),
+      "-I",
+      join(ROOT, "backends"),
+      join(ROOT, "tests", "nvfp4_numerics_check.cu"),
+      "-o",
+      exe,
+    ]);
+    const { stdout } = await run(exe, ["quick"], { timeout: 120_000 });
+    assert.match(stdout, /^6 passed, 0 failed$/m, stdout);
+  },
+);

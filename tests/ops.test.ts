@@ -5,7 +5,18 @@ import assert from "node:assert/strict";
 import { Context, Fp8Linear, MoeLayer, nvfp4ExpertsQuant, nvfp4ScaleRows, tensor, toBf16, topkSoftmax } from "../mod.ts";
 import { fp8MoeRef, nvfp4QuantRef, nvfp4SiluQuantRef, scaledMmRef, siluRows, topkSoftmaxRef } from "./reference64.ts";
 import { nvfp4SiluQuant } from "../core/ops.ts";
-import { compareBf16, dim16, firstDiff, fp8Weights, moeTensors, poisonedBf16, randomMoe, relativeL2, Rng, seed } from "./helpers.ts";
+import {
+  compareBf16,
+  dim16,
+  firstDiff,
+  fp8Weights,
+  moeTensors,
+  poisonedBf16,
+  randomMoe,
+  relativeL2,
+  Rng,
+  seed,
+} from "./helpers.ts";
 import { ACT_SCALES, WEIGHT_SCALES } from "../ffi/abi.ts";
 import { weightScaleShape } from "../core/validate.ts";
 
@@ -35,11 +46,23 @@ test("fp8_moe: 200 random problems match the float64 reference", async () => {
     // every scheme pair is visited; E, topk, M, K, N are random (see randomMoe)
     const c = randomMoe(r, { weightScale: WEIGHT_SCALES[i % 3], actScale: ACT_SCALES[Math.floor(i / 3) % 4] });
     const t = moeTensors(c);
-    using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale, context: ctx }).load(t.weights);
+    using layer = new MoeLayer({
+      hidden: c.k,
+      intermediate: c.n,
+      experts: c.experts,
+      topk: c.topk,
+      weightScale: c.weightScale,
+      actScale: c.actScale,
+      context: ctx,
+    }).load(t.weights);
     const out = await layer.forward(t.x, t.topkIds, t.topkWeights, { out: poisonedBf16([c.m, c.k]) });
     const ref = fp8MoeRef(c, c);
     const bad = compareBf16(out.data, ref, c.k, MOE_ROW_TOL);
-    assert.equal(bad, undefined, `problem ${i} (E=${c.experts} topk=${c.topk} M=${c.m} K=${c.k} N=${c.n} ${c.weightScale}/${c.actScale}): ${bad}`);
+    assert.equal(
+      bad,
+      undefined,
+      `problem ${i} (E=${c.experts} topk=${c.topk} M=${c.m} K=${c.k} N=${c.n} ${c.weightScale}/${c.actScale}): ${bad}`,
+    );
     if (ref.some((v) => v !== 0)) (l2 += relativeL2(out.data, ref)), counted++;
   }
   console.log(`fp8_moe: mean relative L2 error ${(l2 / counted).toExponential(3)} over ${counted} problems`);
@@ -56,8 +79,10 @@ test("fp8_scaled_mm: 150 random problems match the float64 reference", async () 
     const b = bias ? toBf16(r.values(n)) : undefined;
     const a1Scale = actScale === "static-tensor" ? 4 / 448 : undefined;
     using lin = new Fp8Linear({ inFeatures: k, outFeatures: n, weightScale, actScale, bias, context: ctx }).load({
-      w: tensor("fp8_e4m3", [n, k], w), wScale: tensor("f32", weightScaleShape(weightScale, n, k), wScale),
-      ...(b ? { bias: tensor("bf16", [n], b) } : {}), ...(a1Scale ? { a1Scale: tensor("f32", [1], [a1Scale]) } : {}),
+      w: tensor("fp8_e4m3", [n, k], w),
+      wScale: tensor("f32", weightScaleShape(weightScale, n, k), wScale),
+      ...(b ? { bias: tensor("bf16", [n], b) } : {}),
+      ...(a1Scale ? { a1Scale: tensor("f32", [1], [a1Scale]) } : {}),
     });
     const out = await lin.forward(tensor("bf16", [m, k], x), { out: poisonedBf16([m, n]) });
     const ref = scaledMmRef({ m, n, k, weightScale, actScale }, { x, w, wScale, bias: b, a1Scale });
@@ -75,13 +100,20 @@ test("topk_softmax: 100 random problems, ids exact and weights within fp32 round
     const ties = r.next() < 0.25;
     const logits = Float32Array.from({ length: m * experts }, () => ties ? r.int(0, 3) : r.normal() * 4);
     const { ids, weights } = await topkSoftmax(tensor("f32", [m, experts], logits), topk, {
-      renormalize, context: ctx, ids: tensor("i32", [m, topk], new Int32Array(m * topk).fill(-7)),
+      renormalize,
+      context: ctx,
+      ids: tensor("i32", [m, topk], new Int32Array(m * topk).fill(-7)),
       weights: tensor("f32", [m, topk], new Float32Array(m * topk).fill(NaN)),
     });
     const ref = topkSoftmaxRef(logits, m, experts, topk, renormalize);
     assert.equal(firstDiff(ids.data, ref.ids), -1, `problem ${i}: ids`);
     // fp32 softmax: exp and divide within a few ulps, the row sum within E ulps (E <= 300)
-    weights.data.forEach((w, j) => assert.ok(Math.abs(w - ref.weights[j]) <= 4e-5 * ref.weights[j] + 1e-9, `problem ${i} weight ${j}: ${w} vs ${ref.weights[j]}`));
+    weights.data.forEach((w, j) =>
+      assert.ok(
+        Math.abs(w - ref.weights[j]) <= 4e-5 * ref.weights[j] + 1e-9,
+        `problem ${i} weight ${j}: ${w} vs ${ref.weights[j]}`,
+      )
+    );
   }
 });
 
@@ -95,11 +127,20 @@ test("nvfp4_experts_quant: 100 random problems are bit-exact, scales swizzled, p
     const m = offsets[experts];
     const x = toBf16(r.values(m * k, 3));
     const gs = Float32Array.from({ length: experts }, () => 448 * 6 / (20 * 2 ** (r.next() * 4 - 2)));
-    const { packed, scales } = await nvfp4ExpertsQuant(tensor("bf16", [m, k], x), tensor("i32", [experts + 1], offsets), tensor("f32", [experts], gs), {
-      context: ctx,
-      packed: tensor("u8", [m, k / 2], new Uint8Array(m * k / 2).fill(0xa5)),
-      scales: tensor("u8", [nvfp4ScaleRows(m, experts), Math.ceil(k / 64) * 4], new Uint8Array(nvfp4ScaleRows(m, experts) * Math.ceil(k / 64) * 4).fill(0xa5)),
-    });
+    const { packed, scales } = await nvfp4ExpertsQuant(
+      tensor("bf16", [m, k], x),
+      tensor("i32", [experts + 1], offsets),
+      tensor("f32", [experts], gs),
+      {
+        context: ctx,
+        packed: tensor("u8", [m, k / 2], new Uint8Array(m * k / 2).fill(0xa5)),
+        scales: tensor(
+          "u8",
+          [nvfp4ScaleRows(m, experts), Math.ceil(k / 64) * 4],
+          new Uint8Array(nvfp4ScaleRows(m, experts) * Math.ceil(k / 64) * 4).fill(0xa5),
+        ),
+      },
+    );
     const ref = nvfp4QuantRef(x, offsets, gs, m, k, experts);
     assert.equal(firstDiff(packed.data, ref.packed), -1, `problem ${i} (E=${experts} M=${m} K=${k}): packed values`);
     assert.equal(firstDiff(scales.data, ref.scales), -1, `problem ${i} (E=${experts} M=${m} K=${k}): swizzled scales`);
@@ -117,7 +158,11 @@ test("nvfp4_silu_quant: 40 random problems are bit-exact, and equal quantizing h
   const r = new Rng(SEED + 5);
   const poisoned = (m: number, n: number, experts: number) => ({
     packed: tensor("u8", [m, n / 2], new Uint8Array(m * n / 2).fill(0xa5)),
-    scales: tensor("u8", [nvfp4ScaleRows(m, experts), Math.ceil(n / 64) * 4], new Uint8Array(nvfp4ScaleRows(m, experts) * Math.ceil(n / 64) * 4).fill(0xa5)),
+    scales: tensor(
+      "u8",
+      [nvfp4ScaleRows(m, experts), Math.ceil(n / 64) * 4],
+      new Uint8Array(nvfp4ScaleRows(m, experts) * Math.ceil(n / 64) * 4).fill(0xa5),
+    ),
   });
   for (let i = 0; i < 40; i++) {
     // problem 0 runs every finite bf16 value through the gate (the exp of each), against u = 1
@@ -140,7 +185,10 @@ test("nvfp4_silu_quant: 40 random problems are bit-exact, and equal quantizing h
     const what = `problem ${i} (E=${experts} M=${m} N=${n})`;
     assert.equal(firstDiff(fused.packed.data, ref.packed), -1, `${what}: packed values`);
     assert.equal(firstDiff(fused.scales.data, ref.scales), -1, `${what}: swizzled scales`);
-    const composed = await nvfp4ExpertsQuant(tensor("bf16", [m, n], siluRows(x, m, n)), off, g, { context: ctx, ...poisoned(m, n, experts) });
+    const composed = await nvfp4ExpertsQuant(tensor("bf16", [m, n], siluRows(x, m, n)), off, g, {
+      context: ctx,
+      ...poisoned(m, n, experts),
+    });
     assert.equal(firstDiff(fused.packed.data, composed.packed.data), -1, `${what}: fused != silu then quant`);
     assert.equal(firstDiff(fused.scales.data, composed.scales.data), -1, `${what}: fused scales != silu then quant`);
   }
@@ -151,7 +199,15 @@ test("the fp8_moe comparison can fail: a wrong expert or a flipped output bit is
   const c = randomMoe(r, { experts: 4, topk: 2, m: 8, k: 64, n: 32, weightScale: "per-channel", actScale: "dynamic-token" });
   c.topkIds.forEach((_, i) => (c.topkIds[i] = i % 4));
   const t = moeTensors(c);
-  using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: 4, topk: 2, weightScale: c.weightScale, actScale: c.actScale, context: ctx }).load(t.weights);
+  using layer = new MoeLayer({
+    hidden: c.k,
+    intermediate: c.n,
+    experts: 4,
+    topk: 2,
+    weightScale: c.weightScale,
+    actScale: c.actScale,
+    context: ctx,
+  }).load(t.weights);
   const out = await layer.forward(t.x, t.topkIds, t.topkWeights);
   assert.equal(compareBf16(out.data, fp8MoeRef(c, c), c.k, MOE_ROW_TOL), undefined);
   const wrong = { ...c, topkIds: c.topkIds.map((e) => (e + 1) % 4) };
@@ -161,4 +217,3 @@ test("the fp8_moe comparison can fail: a wrong expert or a flipped output bit is
   flipped[largest] ^= 0x0080; // the lowest exponent bit of the largest output: a factor of 2
   assert.notEqual(compareBf16(flipped, fp8MoeRef(c, c), c.k, MOE_ROW_TOL), undefined);
 });
-

@@ -2,7 +2,7 @@
 // every selection rule (priority, strict forcing, disable, batch invariance, explain, env).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Context, MoeffiError, tensor, topkSoftmax } from "../mod.ts";
+import { Context, type MoeffiError, tensor, topkSoftmax } from "../mod.ts";
 import { optionsFromEnv } from "../core/oracle.ts";
 import { buildFixture } from "./helpers.ts";
 
@@ -31,7 +31,10 @@ test("a plugin dropped into MOEFFI_PLUGIN_PATH is selected by its priority and r
     assert.deepEqual([...ids.data], [1, 2, 0, 1]); // ties: lower id first
     assert.deepEqual([...weights.data], [0.25, 0.25, 0.25, 0.25]); // the fixture's mark: it ran
     // problems it does not implement still go to the reference
-    assert.equal(ctx.explain({ op: "fp8_moe", m: 1, k: 16, n: 16, experts: 1, topk: 1 }).find((v) => v.chosen)?.backend, "reference");
+    assert.equal(
+      ctx.explain({ op: "fp8_moe", m: 1, k: 16, n: 16, experts: 1, topk: 1 }).find((v) => v.chosen)?.backend,
+      "reference",
+    );
   } finally {
     delete process.env.MOEFFI_PLUGIN_PATH;
   }
@@ -72,19 +75,26 @@ test("bad plugins are skipped with their reason while the others keep working", 
 test("forcing a backend is strict: unknown or unsupporting names raise with reasons", async () => {
   const reject = await buildFixture("reject", [`FIXTURE_NAME="reject"`, "FIXTURE_REJECT"]);
   using ctx = new Context({ device: "cpu", pluginPaths: [reject] });
-  await assert.rejects(topkSoftmax(logits, 2, { context: ctx, backend: "nope" }), (e: MoeffiError) =>
-    e.code === "unknown_backend" && /unknown backend "nope"; loaded: .*reference.*, reject/.test(e.message));
-  await assert.rejects(topkSoftmax(logits, 2, { context: ctx, backend: "reject" }), (e: MoeffiError) =>
-    e.code === "backend_rejected" && /"reject" \(forced\).*fixture rejects everything/.test(e.message));
+  await assert.rejects(
+    topkSoftmax(logits, 2, { context: ctx, backend: "nope" }),
+    (e: MoeffiError) => e.code === "unknown_backend" && /unknown backend "nope"; loaded: .*reference.*, reject/.test(e.message),
+  );
+  await assert.rejects(
+    topkSoftmax(logits, 2, { context: ctx, backend: "reject" }),
+    (e: MoeffiError) => e.code === "backend_rejected" && /"reject" \(forced\).*fixture rejects everything/.test(e.message),
+  );
   using forced = new Context({ device: "cpu", pluginPaths: [reject], backend: "reference" });
   assert.equal(forced.explain(topk).find((v) => v.chosen)?.backend, "reference");
 });
 
 test("when nothing fits, the error lists every backend's reason", async () => {
   using ctx = new Context({ device: "cpu", disable: ["reference"] });
-  await assert.rejects(topkSoftmax(logits, 2, { context: ctx }), (e: MoeffiError) =>
-    e.code === "no_backend" && /no backend supports topk_softmax \(M=2 E=4 topk=2\) on cpu/.test(e.message) &&
-    /reference: no, disabled by MOEFFI_DISABLE/.test(e.message));
+  await assert.rejects(
+    topkSoftmax(logits, 2, { context: ctx }),
+    (e: MoeffiError) =>
+      e.code === "no_backend" && /no backend supports topk_softmax \(M=2 E=4 topk=2\) on cpu/.test(e.message) &&
+      /reference: no, disabled by MOEFFI_DISABLE/.test(e.message),
+  );
 });
 
 test("batch invariance: only claiming backends, and dynamic per-tensor activations are refused", async () => {
@@ -93,17 +103,33 @@ test("batch invariance: only claiming backends, and dynamic per-tensor activatio
   assert.equal(ctx.explain({ ...moe, actScale: "dynamic-token" }).find((v) => v.chosen)?.backend, "reference");
   const v = ctx.explain({ ...moe, actScale: "dynamic-tensor" });
   assert.equal(v.find((x) => x.chosen), undefined);
-  assert.match(v.find((x) => x.backend === "reference")!.reason, /dynamic per-tensor activation scales depend on the whole batch/);
+  assert.match(
+    v.find((x) => x.backend === "reference")!.reason,
+    /dynamic per-tensor activation scales depend on the whole batch/,
+  );
   // a backend that does not claim batch invariance for the op is refused for it
   const noClaim = await buildFixture("noclaim", [`FIXTURE_NAME="noclaim"`, "FIXTURE_NO_INVARIANCE"]);
   using ctx2 = new Context({ device: "cpu", batchInvariant: true, pluginPaths: [noClaim] });
-  assert.match(ctx2.explain(topk).find((x) => x.backend === "noclaim")!.reason, /does not claim batch invariance for topk_softmax/);
+  assert.match(
+    ctx2.explain(topk).find((x) => x.backend === "noclaim")!.reason,
+    /does not claim batch invariance for topk_softmax/,
+  );
 });
 
 test("the environment: MOEFFI_BACKEND, MOEFFI_DISABLE, MOEFFI_BATCH_INVARIANT, MOEFFI_LOG", () => {
-  const env: Record<string, string> = { MOEFFI_BACKEND: "reference", MOEFFI_DISABLE: "a, b", MOEFFI_BATCH_INVARIANT: "1", MOEFFI_LOG: "debug" };
+  const env: Record<string, string> = {
+    MOEFFI_BACKEND: "reference",
+    MOEFFI_DISABLE: "a, b",
+    MOEFFI_BATCH_INVARIANT: "1",
+    MOEFFI_LOG: "debug",
+  };
   assert.deepEqual(optionsFromEnv((k) => env[k]), { backend: "reference", disable: ["a", "b"], batchInvariant: true, log: true });
-  assert.deepEqual(optionsFromEnv(() => undefined), { backend: undefined, disable: undefined, batchInvariant: false, log: false });
+  assert.deepEqual(optionsFromEnv(() => undefined), {
+    backend: undefined,
+    disable: undefined,
+    batchInvariant: false,
+    log: false,
+  });
   process.env.MOEFFI_DISABLE = "reference";
   try {
     using ctx = new Context({ device: "cpu" });

@@ -14,8 +14,15 @@ import { type CheckpointFormat, loadMoeCheckpoint, openMoeCheckpoint } from "../
 import { CheckpointError, f16ToF32, openSafetensors, SafetensorsCheckpoint, SafetensorsFile } from "../core/safetensors.ts";
 import { MoeffiError } from "../core/errors.ts";
 import {
-  encodeRaw, raw, type RawTensor, removeTempDirs, tempDir, type WriteOptions, type WrittenCheckpoint, writeMoeCheckpoint,
+  encodeRaw,
+  raw,
+  type RawTensor,
+  removeTempDirs,
+  tempDir,
+  writeMoeCheckpoint,
+  type WriteOptions,
   writeSafetensors,
+  type WrittenCheckpoint,
 } from "./checkpoint_writer.ts";
 import { firstDiff, fp8Weights, Rng, seed } from "./helpers.ts";
 
@@ -46,17 +53,27 @@ test("safetensors: every readable dtype round-trips, with metadata and an unread
   const i32 = Int32Array.from({ length: 4 }, () => r.int(-1e9, 1e9)), u8 = Uint8Array.from({ length: 5 }, () => r.int(0, 255));
   const f16 = Uint16Array.of(0x3c00, 0xc000, 0x7bff, 0x0001, 0x8400, 0x3555, 0x0000);
   const path = writeSafetensors(join(tempDir(), "all.safetensors"), [
-    ["fp8", raw("F8_E4M3", [3, 16], fp8)], ["bf16", raw("BF16", [2, 5], bf16)], ["f16", raw("F16", [7], f16)],
-    ["f32", raw("F32", [2, 3], f32)], ["i32", raw("I32", [4], i32)], ["u8", raw("U8", [5], u8)],
-    ["scalar", raw("F32", [], Float32Array.of(0.25))], ["empty", raw("F32", [0, 4], new Float32Array(0))],
+    ["fp8", raw("F8_E4M3", [3, 16], fp8)],
+    ["bf16", raw("BF16", [2, 5], bf16)],
+    ["f16", raw("F16", [7], f16)],
+    ["f32", raw("F32", [2, 3], f32)],
+    ["i32", raw("I32", [4], i32)],
+    ["u8", raw("U8", [5], u8)],
+    ["scalar", raw("F32", [], Float32Array.of(0.25))],
+    ["empty", raw("F32", [0, 4], new Float32Array(0))],
     ["i64", raw("I64", [2], BigInt64Array.of(1n, 2n))],
   ], { format: "pt", note: "hello" });
   using f = new SafetensorsFile(path);
   assert.deepEqual(f.metadata, { format: "pt", note: "hello" });
   assert.deepEqual(f.names, ["fp8", "bf16", "f16", "f32", "i32", "u8", "scalar", "empty", "i64"]);
   const cases: [string, string, number[], ArrayLike<number>][] = [
-    ["fp8", "fp8_e4m3", [3, 16], fp8], ["bf16", "bf16", [2, 5], bf16], ["f32", "f32", [2, 3], f32], ["i32", "i32", [4], i32],
-    ["u8", "u8", [5], u8], ["scalar", "f32", [], [0.25]], ["empty", "f32", [0, 4], []],
+    ["fp8", "fp8_e4m3", [3, 16], fp8],
+    ["bf16", "bf16", [2, 5], bf16],
+    ["f32", "f32", [2, 3], f32],
+    ["i32", "i32", [4], i32],
+    ["u8", "u8", [5], u8],
+    ["scalar", "f32", [], [0.25]],
+    ["empty", "f32", [0, 4], []],
     // F16 is widened to f32: 1, -2, 65504 (max), 2^-24 (smallest subnormal), -2^-14, 0x3555 = 0.333251953125, 0
     ["f16", "f32", [7], [1, -2, 65504, 2 ** -24, -(2 ** -14), 0.333251953125, 0]],
   ];
@@ -83,7 +100,10 @@ test("safetensors: the f16 decoder is exact for all 65536 patterns", () => {
   });
   for (let h = 0; h < 65536; h++) {
     const got = f16ToF32(h);
-    assert.ok(Object.is(got, want[h]) || (Number.isNaN(got) && Number.isNaN(want[h])), `0x${h.toString(16)}: ${got} vs ${want[h]}`);
+    assert.ok(
+      Object.is(got, want[h]) || (Number.isNaN(got) && Number.isNaN(want[h])),
+      `0x${h.toString(16)}: ${got} vs ${want[h]}`,
+    );
   }
   assert.ok(Object.is(f16ToF32(0x8000), -0));
 });
@@ -91,7 +111,10 @@ test("safetensors: the f16 decoder is exact for all 65536 patterns", () => {
 test("safetensors: row slices read exactly their rows' bytes", () => {
   const r = new Rng(SEED + 1);
   const a = r.values(10 * 6), b = toBf16(r.values(9 * 4));
-  const path = writeSafetensors(join(tempDir(), "rows.safetensors"), [["a", raw("F32", [10, 6], a)], ["b", raw("BF16", [9, 4], b)]]);
+  const path = writeSafetensors(join(tempDir(), "rows.safetensors"), [["a", raw("F32", [10, 6], a)], [
+    "b",
+    raw("BF16", [9, 4], b),
+  ]]);
   using f = new SafetensorsFile(path);
   for (const [s, e] of [[0, 10], [2, 5], [9, 10], [4, 4]]) {
     const t = f.readRows("a", s, e);
@@ -113,7 +136,10 @@ test("safetensors: row slices read exactly their rows' bytes", () => {
 });
 
 test("safetensors: row slices of scalars are refused; readInto checks the destination size", () => {
-  const path = writeSafetensors(join(tempDir(), "s.safetensors"), [["s", raw("F32", [], Float32Array.of(2))], ["m", raw("U8", [4, 2], new Uint8Array(8))]]);
+  const path = writeSafetensors(join(tempDir(), "s.safetensors"), [["s", raw("F32", [], Float32Array.of(2))], [
+    "m",
+    raw("U8", [4, 2], new Uint8Array(8)),
+  ]]);
   using f = new SafetensorsFile(path);
   throwsCheckpoint(() => f.readRows("s", 0, 1), /tensor s: is a scalar/);
   throwsCheckpoint(() => f.readInto("m", new Uint8Array(5)), /tensor m: destination holds 5 bytes, the read needs 8/);
@@ -127,7 +153,9 @@ test("safetensors: a checkpoint opens from a file, a folder, or an index json, s
     using ck = new SafetensorsCheckpoint(path);
     assert.equal(ck.files.length, 2);
     assert.deepEqual(new Set(ck.names), new Set(w.tensors.keys()));
-    for (const name of ["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"]) {
+    for (
+      const name of ["model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"]
+    ) {
       sameArray(new Uint8Array(ck.read(name).data.buffer), w.tensors.get(name)!.bytes, name);
     }
   }
@@ -151,7 +179,11 @@ const f32Entry = (shape: number[], begin: number, end: number) => ({ dtype: "F32
 test("safetensors errors: truncated files", () => {
   const good = writeSafetensors(join(tempDir(), "t.safetensors"), [["w", raw("F32", [64], new Float32Array(64))]]);
   truncateSync(good, 100);
-  throwsCheckpoint(() => new SafetensorsFile(good), /t\.safetensors: tensor w: data_offsets \[0, 256\] run past the end of the data section/, /truncated/);
+  throwsCheckpoint(
+    () => new SafetensorsFile(good),
+    /t\.safetensors: tensor w: data_offsets \[0, 256\] run past the end of the data section/,
+    /truncated/,
+  );
   truncateSync(good, 5);
   throwsCheckpoint(() => new SafetensorsFile(good), /t\.safetensors: file is 5 bytes, too short/);
   const long = encodeRaw({ w: f32Entry([1], 0, 4) }, new Uint8Array(4));
@@ -163,21 +195,38 @@ test("safetensors errors: headers that are not JSON or not a header", () => {
   throwsCheckpoint(openBytes(encodeRaw("{not json", new Uint8Array(0))), /bad\.safetensors: header is not valid UTF-8 JSON/);
   throwsCheckpoint(openBytes(encodeRaw("[1, 2]", new Uint8Array(0))), /header is not a JSON object/);
   throwsCheckpoint(openBytes(encodeRaw({ w: 3 }, new Uint8Array(0))), /tensor w: header entry is not an object/);
-  throwsCheckpoint(openBytes(encodeRaw({ w: { dtype: "F12", shape: [1], data_offsets: [0, 1] } }, new Uint8Array(1))), /tensor w: unknown dtype "F12"/);
-  throwsCheckpoint(openBytes(encodeRaw({ w: { dtype: "F32", shape: [-1], data_offsets: [0, 4] } }, new Uint8Array(4))), /tensor w: shape \[-1\] is not/);
-  throwsCheckpoint(openBytes(encodeRaw({ w: f32Entry([1], 4, 0) }, new Uint8Array(4))), /tensor w: data_offsets \[4,0\] are not \[begin, end\]/);
-  throwsCheckpoint(openBytes(encodeRaw({ __metadata__: { n: 1 } }, new Uint8Array(0))), /__metadata__ must map strings to strings/);
+  throwsCheckpoint(
+    openBytes(encodeRaw({ w: { dtype: "F12", shape: [1], data_offsets: [0, 1] } }, new Uint8Array(1))),
+    /tensor w: unknown dtype "F12"/,
+  );
+  throwsCheckpoint(
+    openBytes(encodeRaw({ w: { dtype: "F32", shape: [-1], data_offsets: [0, 4] } }, new Uint8Array(4))),
+    /tensor w: shape \[-1\] is not/,
+  );
+  throwsCheckpoint(
+    openBytes(encodeRaw({ w: f32Entry([1], 4, 0) }, new Uint8Array(4))),
+    /tensor w: data_offsets \[4,0\] are not \[begin, end\]/,
+  );
+  throwsCheckpoint(
+    openBytes(encodeRaw({ __metadata__: { n: 1 } }, new Uint8Array(0))),
+    /__metadata__ must map strings to strings/,
+  );
 });
 
 test("safetensors errors: offsets that lie", () => {
   // past the end of the data section
-  throwsCheckpoint(openBytes(encodeRaw({ w: f32Entry([4], 0, 16) }, new Uint8Array(8))),
-    /tensor w: data_offsets \[0, 16\] run past the end of the data section \(8 bytes\)/);
+  throwsCheckpoint(
+    openBytes(encodeRaw({ w: f32Entry([4], 0, 16) }, new Uint8Array(8))),
+    /tensor w: data_offsets \[0, 16\] run past the end of the data section \(8 bytes\)/,
+  );
   // overlapping, in either header order
   const overlap = encodeRaw({ b: f32Entry([4], 8, 24), a: f32Entry([4], 0, 16) }, new Uint8Array(24));
   throwsCheckpoint(openBytes(overlap), /tensor b: its bytes .* overlap tensor a/);
   // a byte range that does not fit the shape
-  throwsCheckpoint(openBytes(encodeRaw({ w: f32Entry([5], 0, 16) }, new Uint8Array(16))), /tensor w: data_offsets \[0, 16\] hold 16 bytes, but F32 \[5\] needs 20/);
+  throwsCheckpoint(
+    openBytes(encodeRaw({ w: f32Entry([5], 0, 16) }, new Uint8Array(16))),
+    /tensor w: data_offsets \[0, 16\] hold 16 bytes, but F32 \[5\] needs 20/,
+  );
 });
 
 // ---- the loaders ----
@@ -191,30 +240,67 @@ function canonical(w: WrittenCheckpoint) {
   if (w.format !== "mixtral") {
     const gs = source[0].gateScale.length, ds = source[0].downScale.length;
     const s13 = new Float32Array(e * 2 * gs), s2 = new Float32Array(e * ds);
-    source.forEach((x, i) => (s13.set(x.gateScale, 2 * i * gs), s13.set(x.upScale, (2 * i + 1) * gs), s2.set(x.downScale, i * ds)));
+    source.forEach((
+      x,
+      i,
+    ) => (s13.set(x.gateScale, 2 * i * gs), s13.set(x.upScale, (2 * i + 1) * gs), s2.set(x.downScale, i * ds)));
     const b = (rows: number, cols: number) => [e, Math.ceil(rows / 128), Math.ceil(cols / 128)];
     const scales = { w13Scale: tensor("f32", b(2 * n, k), s13), w2Scale: tensor("f32", b(k, n), s2) };
     return { weightScale: "block-128", actScale: "dynamic-group-128", weights: { ...weights, ...scales } } as const;
   }
   const rows = (s: Float32Array, count: number) => s.length === 1 ? new Float32Array(count).fill(s[0]) : s;
   const s13 = new Float32Array(e * 2 * n), s2 = new Float32Array(e * k);
-  source.forEach((x, i) => (s13.set(rows(x.gateScale, n), 2 * i * n), s13.set(rows(x.upScale, n), (2 * i + 1) * n), s2.set(rows(x.downScale, k), i * k)));
+  source.forEach((
+    x,
+    i,
+  ) => (s13.set(rows(x.gateScale, n), 2 * i * n),
+    s13.set(rows(x.upScale, n), (2 * i + 1) * n),
+    s2.set(rows(x.downScale, k), i * k))
+  );
   const scales = { w13Scale: tensor("f32", [e, 2 * n], s13), w2Scale: tensor("f32", [e, k], s2) };
-  if (!source[0].input) return { weightScale: "per-channel", actScale: "dynamic-tensor", weights: { ...weights, ...scales } } as const;
+  if (!source[0].input) {
+    return { weightScale: "per-channel", actScale: "dynamic-tensor", weights: { ...weights, ...scales } } as const;
+  }
   const max = (xs: number[]) => Math.max(...xs.map(Math.fround));
   const a1 = max(source.flatMap((x) => [x.input![0], x.input![1]])), a2 = max(source.map((x) => x.input![2]));
   return {
-    weightScale: "per-channel", actScale: "static-tensor",
+    weightScale: "per-channel",
+    actScale: "static-tensor",
     weights: { ...weights, ...scales, a1Scale: tensor("f32", [1], [a1]), a2Scale: tensor("f32", [1], [a2]) },
   } as const;
 }
 
 const CASES: (Omit<WriteOptions, "seed"> & { detected: CheckpointFormat; label: string })[] = [
-  { label: "DeepSeek-V3, K not a multiple of 128", format: "deepseek-v3", detected: "deepseek-v3", experts: 4, hidden: 80, intermediate: 128 },
-  { label: "DeepSeek-V3 sharded over 2 files", format: "deepseek-v3", detected: "deepseek-v3", experts: 3, hidden: 272, intermediate: 256, shards: 2 },
+  {
+    label: "DeepSeek-V3, K not a multiple of 128",
+    format: "deepseek-v3",
+    detected: "deepseek-v3",
+    experts: 4,
+    hidden: 80,
+    intermediate: 128,
+  },
+  {
+    label: "DeepSeek-V3 sharded over 2 files",
+    format: "deepseek-v3",
+    detected: "deepseek-v3",
+    experts: 3,
+    hidden: 272,
+    intermediate: 256,
+    shards: 2,
+  },
   { label: "Qwen3-MoE", format: "qwen3-moe", detected: "qwen3-moe", experts: 3, hidden: 144, intermediate: 128, layer: 0 },
   { label: "Mixtral, static input scales", format: "mixtral", detected: "mixtral", experts: 4, hidden: 80, intermediate: 48 },
-  { label: "Mixtral, dynamic, sharded", format: "mixtral", detected: "mixtral", experts: 3, hidden: 64, intermediate: 32, staticInput: false, shards: 2, layer: 2 },
+  {
+    label: "Mixtral, dynamic, sharded",
+    format: "mixtral",
+    detected: "mixtral",
+    experts: 3,
+    hidden: 64,
+    intermediate: 32,
+    staticInput: false,
+    shards: 2,
+    layer: 2,
+  },
 ];
 
 for (const [i, c] of CASES.entries()) {
@@ -223,7 +309,13 @@ for (const [i, c] of CASES.entries()) {
     const want = canonical(w);
     const got = loadMoeCheckpoint(w.dir, { layer: w.layer });
     assert.equal(got.format, c.detected);
-    assert.deepEqual(got.config, { hidden: c.hidden, intermediate: c.intermediate, experts: c.experts, weightScale: want.weightScale, actScale: want.actScale });
+    assert.deepEqual(got.config, {
+      hidden: c.hidden,
+      intermediate: c.intermediate,
+      experts: c.experts,
+      weightScale: want.weightScale,
+      actScale: want.actScale,
+    });
     for (const key of ["w13", "w13Scale", "w2", "w2Scale", "a1Scale", "a2Scale"] as const) {
       const g = got.weights[key], x = (want.weights as Record<string, typeof g>)[key];
       assert.equal(g === undefined, x === undefined, `${key} present`);
@@ -239,7 +331,13 @@ for (const [i, c] of CASES.entries()) {
     const tw = tensor("f32", [m, topk], Float32Array.from({ length: m * topk }, () => r.next()));
     using fromFile = openMoeCheckpoint(w.dir, { layer: w.layer, topk, context: ctx });
     using direct = new MoeLayer({
-      hidden: c.hidden, intermediate: c.intermediate, experts: c.experts, topk, weightScale: want.weightScale, actScale: want.actScale, context: ctx,
+      hidden: c.hidden,
+      intermediate: c.intermediate,
+      experts: c.experts,
+      topk,
+      weightScale: want.weightScale,
+      actScale: want.actScale,
+      context: ctx,
     }).load(want.weights);
     const a = await fromFile.forward(x, ids, tw), b = await direct.forward(x, ids, tw);
     sameArray(a.data, b.data, "forward output bits");
@@ -257,7 +355,10 @@ test("checkpoints: an explicit format, an open checkpoint reused for several loa
   assert.equal(b.format, "deepseek-v3");
   sameArray(a.weights.w13.data, b.weights.w13.data, "w13");
   throwsCheckpoint(() => loadMoeCheckpoint(ck, { layer: 1, format: "mixtral" }), /layer 1 has no mixtral experts/);
-  assert.throws(() => loadMoeCheckpoint(ck, { layer: 1, format: "llama" as CheckpointFormat }), /format: expected one of deepseek-v3, qwen3-moe, mixtral/);
+  assert.throws(
+    () => loadMoeCheckpoint(ck, { layer: 1, format: "llama" as CheckpointFormat }),
+    /format: expected one of deepseek-v3, qwen3-moe, mixtral/,
+  );
   assert.throws(() => loadMoeCheckpoint(ck, { layer: -1 }), /layer: expected an integer >= 0/);
 });
 
@@ -272,8 +373,11 @@ test("checkpoint errors: a missing expert, a layer without experts", () => {
   const w = broken((t) => {
     for (const name of [...t.keys()]) if (name.startsWith(E(1, ""))) t.delete(name);
   });
-  throwsCheckpoint(() => loadMoeCheckpoint(w.dir, { layer: 1 }),
-    /model\.safetensors: tensor model\.layers\.1\.mlp\.experts\.1\.gate_proj\.weight: is missing: expert 1 of layer 1/, /experts 0-3/);
+  throwsCheckpoint(
+    () => loadMoeCheckpoint(w.dir, { layer: 1 }),
+    /model\.safetensors: tensor model\.layers\.1\.mlp\.experts\.1\.gate_proj\.weight: is missing: expert 1 of layer 1/,
+    /experts 0-3/,
+  );
   throwsCheckpoint(() => loadMoeCheckpoint(w.dir, { layer: 0 }), /layer 0 has no MoE experts .*; layers with experts: 1/);
   throwsCheckpoint(() => loadMoeCheckpoint(w.dir, { layer: 7 }), /layer 7 has no MoE experts/);
 });
@@ -282,24 +386,42 @@ test("checkpoint errors: dtype and shape mismatches", () => {
   const bf16 = broken((t) => t.set(E(2, "gate_proj.weight"), raw("BF16", [128, 48], new Uint16Array(128 * 48).fill(0x3f80))));
   throwsCheckpoint(() => loadMoeCheckpoint(bf16.dir, { layer: 1 }), /experts\.2\.gate_proj\.weight: is BF16, expected F8_E4M3/);
   const shape = broken((t) => t.set(E(3, "down_proj.weight"), raw("F8_E4M3", [48, 112], new Uint8Array(48 * 112))));
-  throwsCheckpoint(() => loadMoeCheckpoint(shape.dir, { layer: 1 }), /experts\.3\.down_proj\.weight: has shape \[48, 112\], expected \[48, 128\] \(from expert 0\)/);
+  throwsCheckpoint(
+    () => loadMoeCheckpoint(shape.dir, { layer: 1 }),
+    /experts\.3\.down_proj\.weight: has shape \[48, 112\], expected \[48, 128\] \(from expert 0\)/,
+  );
   const scale = broken((t) => t.set(E(0, "up_proj.weight_scale_inv"), raw("F32", [1, 2], new Float32Array(2).fill(1))));
-  throwsCheckpoint(() => loadMoeCheckpoint(scale.dir, { layer: 1 }), /experts\.0\.up_proj\.weight_scale_inv: has shape \[1, 2\], expected \[1, 1\]/);
+  throwsCheckpoint(
+    () => loadMoeCheckpoint(scale.dir, { layer: 1 }),
+    /experts\.0\.up_proj\.weight_scale_inv: has shape \[1, 2\], expected \[1, 1\]/,
+  );
   const i32 = broken((t) => t.set(E(0, "up_proj.weight_scale_inv"), raw("I32", [1, 1], Int32Array.of(1))));
   throwsCheckpoint(() => loadMoeCheckpoint(i32.dir, { layer: 1 }), /weight_scale_inv: is I32, expected an F32/);
 });
 
 test("checkpoint errors: missing or bad scales", () => {
   const missing = broken((t) => t.delete(E(2, "down_proj.weight_scale_inv")));
-  throwsCheckpoint(() => loadMoeCheckpoint(missing.dir, { layer: 1 }),
-    /experts\.2\.down_proj\.weight_scale_inv: is missing: every FP8 expert weight needs its scale/);
+  throwsCheckpoint(
+    () => loadMoeCheckpoint(missing.dir, { layer: 1 }),
+    /experts\.2\.down_proj\.weight_scale_inv: is missing: every FP8 expert weight needs its scale/,
+  );
   const zero = broken((t) => t.set(E(1, "gate_proj.weight_scale_inv"), raw("F32", [1, 1], Float32Array.of(0))));
-  throwsCheckpoint(() => loadMoeCheckpoint(zero.dir, { layer: 1 }), /experts\.1\.gate_proj\.weight_scale_inv: element 0 is 0: scales must be finite and > 0/);
+  throwsCheckpoint(
+    () => loadMoeCheckpoint(zero.dir, { layer: 1 }),
+    /experts\.1\.gate_proj\.weight_scale_inv: element 0 is 0: scales must be finite and > 0/,
+  );
   const partial = writeMoeCheckpoint({
-    format: "mixtral", experts: 3, hidden: 32, intermediate: 16, seed: SEED + 31,
+    format: "mixtral",
+    experts: 3,
+    hidden: 32,
+    intermediate: 16,
+    seed: SEED + 31,
     tamper: (t) => t.delete("model.layers.1.block_sparse_moe.experts.2.w2.input_scale"),
   });
-  throwsCheckpoint(() => loadMoeCheckpoint(partial.dir, { layer: 1 }), /experts\.2\.w2\.input_scale: is missing: some experts have static input scales/);
+  throwsCheckpoint(
+    () => loadMoeCheckpoint(partial.dir, { layer: 1 }),
+    /experts\.2\.w2\.input_scale: is missing: some experts have static input scales/,
+  );
 });
 
 test("checkpoint errors: an intermediate size block-128 cannot stack", () => {
@@ -312,12 +434,17 @@ test("checkpoint errors: a missing shard, an index that lies", () => {
   const index = join(w.dir, "model.safetensors.index.json");
   const json = JSON.parse(new TextDecoder().decode(readFileSync(index)));
   unlinkSync(join(w.dir, "model-00002-of-00002.safetensors"));
-  throwsCheckpoint(() => loadMoeCheckpoint(w.dir, { layer: 1 }),
-    /model\.safetensors\.index\.json: tensor .*: is mapped to shard model-00002-of-00002\.safetensors, which does not exist/);
+  throwsCheckpoint(
+    () => loadMoeCheckpoint(w.dir, { layer: 1 }),
+    /model\.safetensors\.index\.json: tensor .*: is mapped to shard model-00002-of-00002\.safetensors, which does not exist/,
+  );
   // every tensor now points at shard 1, which holds only half of them
   for (const name of Object.keys(json.weight_map)) json.weight_map[name] = "model-00001-of-00002.safetensors";
   writeFileSync(index, JSON.stringify(json));
-  throwsCheckpoint(() => loadMoeCheckpoint(w.dir, { layer: 1 }), /tensor .*: the index maps it to .*model-00001-of-00002\.safetensors, which does not hold it/);
+  throwsCheckpoint(
+    () => loadMoeCheckpoint(w.dir, { layer: 1 }),
+    /tensor .*: the index maps it to .*model-00001-of-00002\.safetensors, which does not hold it/,
+  );
   writeFileSync(index, "{ weight_map: nope");
   throwsCheckpoint(() => loadMoeCheckpoint(w.dir, { layer: 1 }), /model\.safetensors\.index\.json: cannot read the index/);
   writeFileSync(index, JSON.stringify({ weight_map: [1] }));

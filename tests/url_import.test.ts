@@ -6,7 +6,17 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { createServer, type Server } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
@@ -53,12 +63,20 @@ function serve(tree: string, release: Map<string, Uint8Array>, maxRequests = 300
     const path = decodeURIComponent(new URL(req.url ?? "/", "http://x").pathname);
     const body = ++requests > maxRequests ? undefined : lookup(path, tree, release);
     if (!body) return void res.writeHead(requests > maxRequests ? 503 : 404).end();
-    const type = path.endsWith(".ts") ? "application/typescript" : path.endsWith(".json") ? "application/json" : "application/gzip";
+    const type = path.endsWith(".ts")
+      ? "application/typescript"
+      : path.endsWith(".json")
+      ? "application/json"
+      : "application/gzip";
     res.writeHead(200, { "content-type": type, "content-length": body.length }).end(body);
   });
   return new Promise((resolve, reject) => {
     server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => resolve({ server, url: `http://127.0.0.1:${(server.address() as { port: number }).port}` }));
+    server.listen(
+      0,
+      "127.0.0.1",
+      () => resolve({ server, url: `http://127.0.0.1:${(server.address() as { port: number }).port}` }),
+    );
   });
 }
 
@@ -103,7 +121,10 @@ const show = (r: Run) => `exit ${r.code}\n--- stdout\n${r.stdout}\n--- stderr\n$
 
 test("a URL import downloads, verifies and caches the prebuilt backends; refuses a bad archive; works offline", async () => {
   const libraries = readdirSync(LIB_DIR).filter((f) => /\.so$/.test(f)).map((f) => join(LIB_DIR, f));
-  assert.ok(libraries.some((f) => f.endsWith("libmoeffi_reference.so")), "build/lib has no reference backend: run `deno task build`");
+  assert.ok(
+    libraries.some((f) => f.endsWith("libmoeffi_reference.so")),
+    "build/lib has no reference backend: run `deno task build`",
+  );
   const tmp = mkdtempSync(join(tmpdir(), "moeffi-url-"));
   let server: Server | undefined;
   try {
@@ -178,5 +199,8 @@ test("release archives: flat files round-trip with their modes; names with folde
   ];
   assert.deepEqual(unpackTarGz(packTarGz(files)), files);
   assert.throws(() => packTarGz([{ name: "../evil.so", data: new Uint8Array(1), mode: 0o755 }]), /not a plain file name/);
-  assert.throws(() => unpackTarGz(packTarGz(files).subarray(0, 40)), /unexpected end|incorrect|truncated|Z_BUF_ERROR|end of file/i);
+  assert.throws(
+    () => unpackTarGz(packTarGz(files).subarray(0, 40)),
+    /unexpected end|incorrect|truncated|Z_BUF_ERROR|end of file/i,
+  );
 });

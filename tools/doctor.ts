@@ -65,7 +65,9 @@ function driverVersion(): string {
     const out = new Int32Array(1);
     const status = lib.symbols.cuDriverGetVersion(out) as number;
     lib.close();
-    return status === 0 ? `CUDA ${Math.floor(out[0] / 1000)}.${(out[0] % 1000) / 10} (libcuda.so.1)` : `cuDriverGetVersion failed (${status})`;
+    return status === 0
+      ? `CUDA ${Math.floor(out[0] / 1000)}.${(out[0] % 1000) / 10} (libcuda.so.1)`
+      : `cuDriverGetVersion failed (${status})`;
   } catch (e) {
     return `not found (${(e as Error).message.split("\n")[0]})`;
   }
@@ -113,7 +115,9 @@ function backendLines(ctx: Context): string[] {
   for (const b of ctx.registry.backends) {
     const m = b.manifest;
     lines.push(
-      `${m.name} ${m.version}: loaded (${b.builtin ? "built-in" : "plugin"}), device ${m.device}${m.archs ? ` [${m.archs}]` : ""}, priority ${m.priority}`,
+      `${m.name} ${m.version}: loaded (${b.builtin ? "built-in" : "plugin"}), device ${m.device}${
+        m.archs ? ` [${m.archs}]` : ""
+      }, priority ${m.priority}`,
       `    ops: ${m.ops.join(", ")}; batch invariant: ${m.batchInvariantOps.join(", ") || "none"}`,
       `    weight scales: ${m.weightScales.join(", ")}; activation scales: ${m.actScales.join(", ")}`,
       `    path: ${b.path}`,
@@ -132,7 +136,9 @@ function oracleLines(ctx: Context): string[] {
     for (const [op, spec] of Object.entries(presetProblems(preset))) {
       const verdicts = ctx.explain(spec);
       const chosen = verdicts.find((v) => v.chosen);
-      lines.push(`  ${op}: ${chosen ? `${chosen.backend} (priority ${chosen.priority}: ${chosen.reason})` : "no backend can run it"}`);
+      lines.push(
+        `  ${op}: ${chosen ? `${chosen.backend} (priority ${chosen.priority}: ${chosen.reason})` : "no backend can run it"}`,
+      );
       lines.push(formatVerdicts(verdicts).replace(/^/gm, "    "));
     }
   }
@@ -168,10 +174,13 @@ export async function doctorReport(): Promise<{ text: string; backends: number }
       ...section("GPU", gpuLines()),
       ...section("CUDA toolkit", [await toolkitLine()]),
       ...section("Backends", backendLines(ctx)),
-      ...section(`Oracle (device ${ctx.device}${selection ? `, ${selection}` : ""}; per-channel weights, dynamic per-token activations)`, [
-        ...(note ? [note] : []),
-        ...oracleLines(ctx),
-      ]),
+      ...section(
+        `Oracle (device ${ctx.device}${selection ? `, ${selection}` : ""}; per-channel weights, dynamic per-token activations)`,
+        [
+          ...(note ? [note] : []),
+          ...oracleLines(ctx),
+        ],
+      ),
     ].join("\n");
     return { text, backends: ctx.registry.backends.length };
   } finally {

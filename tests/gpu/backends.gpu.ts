@@ -3,10 +3,33 @@
 // problem count (the sanitizer runs use a few). Needs a CUDA device.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Context, type DeviceTensor, Fp8Linear, MoeLayer, nvfp4ExpertsQuant, nvfp4ScaleRows, tensor, toBf16, topkSoftmax } from "../../mod.ts";
+import {
+  Context,
+  type DeviceTensor,
+  Fp8Linear,
+  MoeLayer,
+  nvfp4ExpertsQuant,
+  nvfp4ScaleRows,
+  tensor,
+  toBf16,
+  topkSoftmax,
+} from "../../mod.ts";
 import { ACT_SCALES, FLAG_HAS_BIAS, WEIGHT_SCALES } from "../../ffi/abi.ts";
 import { weightScaleShape } from "../../core/validate.ts";
-import { buildFixture, compareBf16, dim16, firstDiff, fp8Weights, type MoeCase, moeTensors, poisonedBf16, randomMoe, relativeL2, Rng, seed } from "../helpers.ts";
+import {
+  buildFixture,
+  compareBf16,
+  dim16,
+  firstDiff,
+  fp8Weights,
+  type MoeCase,
+  moeTensors,
+  poisonedBf16,
+  randomMoe,
+  relativeL2,
+  Rng,
+  seed,
+} from "../helpers.ts";
 
 const SEED = seed();
 const SCALE = Number(process.env.MOEFFI_GPU_PROBLEMS ?? 1);
@@ -23,22 +46,36 @@ console.log(`GPU: ${gpu.cuda!.name} (sm_${gpu.cuda!.capability.join("")}); CUDA 
 // sum in different orders); in aggregate a mean relative L2 of 5e-3 (two roundings: sqrt(2) x 2.26e-3).
 const ROW_TOL = 2 ** -4, MEAN_L2 = 5e-3;
 const asF64 = (t: { toFloat32(): Float32Array }) => Float64Array.from(t.toFloat32());
-const compare = (got: Uint16Array, want: { toFloat32(): Float32Array }, cols: number) => compareBf16(got, asF64(want), cols, ROW_TOL, 2 ** -7);
+const compare = (got: Uint16Array, want: { toFloat32(): Float32Array }, cols: number) =>
+  compareBf16(got, asF64(want), cols, ROW_TOL, 2 ** -7);
 
 /** Whether `backend` claims `op` at all (tests of other ops are skipped for it). */
-const claims = (backend: string, op: string) => gpu.registry.backends.find((b) => b.name === backend)!.manifest.ops.includes(op as never);
+const claims = (backend: string, op: string) =>
+  gpu.registry.backends.find((b) => b.name === backend)!.manifest.ops.includes(op as never);
 /** Whether `backend` accepts this MoE problem: a backend may refuse schemes or shapes, with a reason. */
 function inScope(backend: string, c: MoeCase): boolean {
   const b = gpu.registry.backends.find((x) => x.name === backend)!;
-  const p = gpu.problem({ op: "fp8_moe", m: c.m, n: c.n, k: c.k, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale });
+  const p = gpu.problem({
+    op: "fp8_moe",
+    m: c.m,
+    n: c.n,
+    k: c.k,
+    experts: c.experts,
+    topk: c.topk,
+    weightScale: c.weightScale,
+    actScale: c.actScale,
+  });
   return b.supported(p).priority !== null;
 }
 
 /** The special cases the issue names, then random problems. */
 function moeCases(r: Rng, n: number): MoeCase[] {
   const fixed: Partial<MoeCase>[] = [
-    { experts: 60, topk: 4, m: 1 }, { experts: 257, topk: 8, m: 257, k: 64, n: 32 }, { experts: 8, topk: 8, m: 0 },
-    { experts: 16, topk: 2, m: 4096, k: 64, n: 32 }, { experts: 3, topk: 1, m: 1 },
+    { experts: 60, topk: 4, m: 1 },
+    { experts: 257, topk: 8, m: 257, k: 64, n: 32 },
+    { experts: 8, topk: 8, m: 0 },
+    { experts: 16, topk: 2, m: 4096, k: 64, n: 32 },
+    { experts: 3, topk: 1, m: 1 },
   ];
   const cases = fixed.map((o, i) => randomMoe(r, { weightScale: WEIGHT_SCALES[i % 3], actScale: ACT_SCALES[(i + 1) % 4], ...o }));
   const oneExpert = randomMoe(r, { experts: 32, topk: 1, m: 300, weightScale: "block-128", actScale: "dynamic-group-128" });
@@ -46,7 +83,9 @@ function moeCases(r: Rng, n: number): MoeCase[] {
   const empties = randomMoe(r, { experts: 64, topk: 8, m: 33, weightScale: "per-channel", actScale: "dynamic-token" });
   empties.topkIds.forEach((_, i) => i % 3 === 0 && (empties.topkIds[i] = -1)); // a third of the slots empty
   cases.push(oneExpert, empties);
-  for (let i = cases.length; i < n; i++) cases.push(randomMoe(r, { weightScale: WEIGHT_SCALES[i % 3], actScale: ACT_SCALES[Math.floor(i / 3) % 4] }));
+  for (let i = cases.length; i < n; i++) {
+    cases.push(randomMoe(r, { weightScale: WEIGHT_SCALES[i % 3], actScale: ACT_SCALES[Math.floor(i / 3) % 4] }));
+  }
   return cases;
 }
 
@@ -54,7 +93,16 @@ async function moeOn(ctx: Context, backend: string, c: MoeCase, poison: boolean)
   const t = moeTensors(c);
   const up = <T extends Parameters<Context["upload"]>[0]>(x: T) => ctx.upload(x);
   const w = Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, up(v)])) as unknown as typeof t.weights;
-  using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale, context: ctx, backend }).load(w);
+  using layer = new MoeLayer({
+    hidden: c.k,
+    intermediate: c.n,
+    experts: c.experts,
+    topk: c.topk,
+    weightScale: c.weightScale,
+    actScale: c.actScale,
+    context: ctx,
+    backend,
+  }).load(w);
   const out = poison ? ctx.upload(poisonedBf16([c.m, c.k])) : undefined;
   const y = await layer.forward(up(t.x), up(t.topkIds), up(t.topkWeights), { out: out as never });
   const host = "download" in y ? await (y as DeviceTensor<"bf16">).download() : y;
@@ -63,26 +111,42 @@ async function moeOn(ctx: Context, backend: string, c: MoeCase, poison: boolean)
 }
 
 for (const backend of BACKENDS) {
-  test(`${backend} fp8_moe: ${count(100)} problems (E=60, 257; topk=8; M=0, 1, 257, 4096; one expert; -1 ids) match the CPU reference`, { skip: !claims(backend, "fp8_moe") }, async () => {
-    const r = new Rng(SEED);
-    let l2 = 0, counted = 0, refused = 0;
-    for (const [i, c] of moeCases(r, count(100)).entries()) {
-      if (!inScope(backend, c)) {
-        refused++;
-        continue;
+  test(
+    `${backend} fp8_moe: ${
+      count(100)
+    } problems (E=60, 257; topk=8; M=0, 1, 257, 4096; one expert; -1 ids) match the CPU reference`,
+    { skip: !claims(backend, "fp8_moe") },
+    async () => {
+      const r = new Rng(SEED);
+      let l2 = 0, counted = 0, refused = 0;
+      for (const [i, c] of moeCases(r, count(100)).entries()) {
+        if (!inScope(backend, c)) {
+          refused++;
+          continue;
+        }
+        const got = await moeOn(gpu, backend, c, true);
+        const want = await moeOn(cpu, "reference", c, true);
+        const bad = compare(got.data, want, c.k);
+        assert.equal(
+          bad,
+          undefined,
+          `problem ${i} (E=${c.experts} topk=${c.topk} M=${c.m} K=${c.k} N=${c.n} ${c.weightScale}/${c.actScale}): ${bad}`,
+        );
+        const ref = asF64(want);
+        if (ref.some((v) => v !== 0)) (l2 += relativeL2(got.data, ref)), counted++;
       }
-      const got = await moeOn(gpu, backend, c, true);
-      const want = await moeOn(cpu, "reference", c, true);
-      const bad = compare(got.data, want, c.k);
-      assert.equal(bad, undefined, `problem ${i} (E=${c.experts} topk=${c.topk} M=${c.m} K=${c.k} N=${c.n} ${c.weightScale}/${c.actScale}): ${bad}`);
-      const ref = asF64(want);
-      if (ref.some((v) => v !== 0)) (l2 += relativeL2(got.data, ref)), counted++;
-    }
-    console.log(`${backend} fp8_moe: mean relative L2 to the CPU reference ${(l2 / counted).toExponential(3)}; ${refused} problems outside its claims`);
-    assert.ok(l2 / counted <= MEAN_L2);
-  });
+      console.log(
+        `${backend} fp8_moe: mean relative L2 to the CPU reference ${
+          (l2 / counted).toExponential(3)
+        }; ${refused} problems outside its claims`,
+      );
+      assert.ok(l2 / counted <= MEAN_L2);
+    },
+  );
 
-  test(`${backend} fp8_moe is deterministic run to run, and rejects bad device ids with a flag`, { skip: !claims(backend, "fp8_moe") }, async () => {
+  test(`${backend} fp8_moe is deterministic run to run, and rejects bad device ids with a flag`, {
+    skip: !claims(backend, "fp8_moe"),
+  }, async () => {
     const r = new Rng(SEED + 1);
     const c = randomMoe(r, { experts: 40, topk: 6, m: 129, weightScale: "per-channel", actScale: "dynamic-tensor" });
     if (!inScope(backend, c)) return; // batch-wide amax: the strictest determinism case
@@ -96,58 +160,91 @@ for (const backend of BACKENDS) {
     asEmpty.topkIds[7] = -1; // what the bad slot must have contributed: nothing
     const want = await moeOn(cpu, "reference", asEmpty, true);
     const t = moeTensors(bad);
-    using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale, context: gpu, backend })
+    using layer = new MoeLayer({
+      hidden: c.k,
+      intermediate: c.n,
+      experts: c.experts,
+      topk: c.topk,
+      weightScale: c.weightScale,
+      actScale: c.actScale,
+      context: gpu,
+      backend,
+    })
       .load(Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, gpu.upload(v)])) as never);
     const y = await layer.forward(gpu.upload(t.x), gpu.upload(t.topkIds), gpu.upload(t.topkWeights));
     await assert.rejects(gpu.synchronize(), /topk id outside/);
     assert.equal(compare((await (y as DeviceTensor<"bf16">).download()).data, want, c.k), undefined);
   });
 
-  test(`${backend} fp8_scaled_mm: ${count(50)} problems match the CPU reference`, { skip: !claims(backend, "fp8_scaled_mm") }, async () => {
-    const r = new Rng(SEED + 2);
-    for (let i = 0; i < count(50); i++) {
-      const weightScale = WEIGHT_SCALES[i % 3], actScale = ACT_SCALES[Math.floor(i / 3) % 4];
-      const k = dim16(r, 1024), n = r.int(1, 700), m = r.pick([0, 1, 16, 257, r.int(0, 600)]), bias = r.next() < 0.5;
-      const mine = gpu.registry.backends.find((b) => b.name === backend)!;
-      if (mine.supported(gpu.problem({ op: "fp8_scaled_mm", m, n, k, weightScale, actScale, flags: bias ? FLAG_HAS_BIAS : 0 })).priority === null) continue;
-      const host = {
-        w: tensor("fp8_e4m3", [n, k], fp8Weights(r, n * k)),
-        wScale: tensor("f32", weightScaleShape(weightScale, n, k), r.scales(weightScaleShape(weightScale, n, k).reduce((a, b) => a * b), 1 / 4096)),
-        ...(bias ? { bias: tensor("bf16", [n], toBf16(r.values(n))) } : {}),
-        ...(actScale === "static-tensor" ? { a1Scale: tensor("f32", [1], [4 / 448]) } : {}),
-      };
-      const x = tensor("bf16", [m, k], toBf16(r.values(m * k)));
-      const run = async (ctx: Context, backend: string) => {
-        using lin = new Fp8Linear({ inFeatures: k, outFeatures: n, weightScale, actScale, bias, context: ctx, backend })
-          .load(Object.fromEntries(Object.entries(host).map(([key, v]) => [key, ctx.upload(v)])) as never);
-        const y = await lin.forward(ctx.upload(x), { out: ctx.upload(poisonedBf16([m, n])) as never });
-        return "download" in y ? await (y as DeviceTensor<"bf16">).download() : y;
-      };
-      const got = await run(gpu, backend), want = await run(cpu, "reference");
-      const bad = compare(got.data, want, n);
-      assert.equal(bad, undefined, `problem ${i} (M=${m} N=${n} K=${k} ${weightScale}/${actScale}): ${bad}`);
-    }
-  });
+  test(
+    `${backend} fp8_scaled_mm: ${count(50)} problems match the CPU reference`,
+    { skip: !claims(backend, "fp8_scaled_mm") },
+    async () => {
+      const r = new Rng(SEED + 2);
+      for (let i = 0; i < count(50); i++) {
+        const weightScale = WEIGHT_SCALES[i % 3], actScale = ACT_SCALES[Math.floor(i / 3) % 4];
+        const k = dim16(r, 1024), n = r.int(1, 700), m = r.pick([0, 1, 16, 257, r.int(0, 600)]), bias = r.next() < 0.5;
+        const mine = gpu.registry.backends.find((b) => b.name === backend)!;
+        if (
+          mine.supported(gpu.problem({ op: "fp8_scaled_mm", m, n, k, weightScale, actScale, flags: bias ? FLAG_HAS_BIAS : 0 }))
+            .priority === null
+        ) continue;
+        const host = {
+          w: tensor("fp8_e4m3", [n, k], fp8Weights(r, n * k)),
+          wScale: tensor(
+            "f32",
+            weightScaleShape(weightScale, n, k),
+            r.scales(weightScaleShape(weightScale, n, k).reduce((a, b) => a * b), 1 / 4096),
+          ),
+          ...(bias ? { bias: tensor("bf16", [n], toBf16(r.values(n))) } : {}),
+          ...(actScale === "static-tensor" ? { a1Scale: tensor("f32", [1], [4 / 448]) } : {}),
+        };
+        const x = tensor("bf16", [m, k], toBf16(r.values(m * k)));
+        const run = async (ctx: Context, backend: string) => {
+          using lin = new Fp8Linear({ inFeatures: k, outFeatures: n, weightScale, actScale, bias, context: ctx, backend })
+            .load(Object.fromEntries(Object.entries(host).map(([key, v]) => [key, ctx.upload(v)])) as never);
+          const y = await lin.forward(ctx.upload(x), { out: ctx.upload(poisonedBf16([m, n])) as never });
+          return "download" in y ? await (y as DeviceTensor<"bf16">).download() : y;
+        };
+        const got = await run(gpu, backend), want = await run(cpu, "reference");
+        const bad = compare(got.data, want, n);
+        assert.equal(bad, undefined, `problem ${i} (M=${m} N=${n} K=${k} ${weightScale}/${actScale}): ${bad}`);
+      }
+    },
+  );
 
   test(`${backend} topk_softmax: ${count(30)} problems, ids exact`, { skip: !claims(backend, "topk_softmax") }, async () => {
     const r = new Rng(SEED + 3);
     for (let i = 0; i < count(30); i++) {
       const experts = r.pick([1, 8, 60, 128, 257, r.int(1, 300)]), topk = r.int(1, Math.min(8, experts));
       const m = r.pick([0, 1, 257, r.int(0, 2000)]), renormalize = r.next() < 0.5, ties = r.next() < 0.25;
-      const logits = tensor("f32", [m, experts], Float32Array.from({ length: m * experts }, () => ties ? r.int(0, 3) : r.normal() * 4));
+      const logits = tensor(
+        "f32",
+        [m, experts],
+        Float32Array.from({ length: m * experts }, () => ties ? r.int(0, 3) : r.normal() * 4),
+      );
       const g = await topkSoftmax(gpu.upload(logits), topk, {
-        renormalize, context: gpu, backend,
+        renormalize,
+        context: gpu,
+        backend,
         ids: gpu.upload(tensor("i32", [m, topk], new Int32Array(m * topk).fill(-7))) as never,
         weights: gpu.upload(tensor("f32", [m, topk], new Float32Array(m * topk).fill(NaN))) as never,
       });
       const c = await topkSoftmax(logits, topk, { renormalize, context: cpu });
       assert.equal(firstDiff((await (g.ids as DeviceTensor<"i32">).download()).data, c.ids.data), -1, `problem ${i}: ids`);
       const gw = (await (g.weights as DeviceTensor<"f32">).download()).data;
-      gw.forEach((w, j) => assert.ok(Math.abs(w - c.weights.data[j]) <= 1e-5 * c.weights.data[j] + 1e-9, `problem ${i}: weight ${j} ${w} vs ${c.weights.data[j]}`));
+      gw.forEach((w, j) =>
+        assert.ok(
+          Math.abs(w - c.weights.data[j]) <= 1e-5 * c.weights.data[j] + 1e-9,
+          `problem ${i}: weight ${j} ${w} vs ${c.weights.data[j]}`,
+        )
+      );
     }
   });
 
-  test(`${backend} nvfp4_experts_quant: ${count(30)} problems bit-exact (any E, padding zero)`, { skip: !claims(backend, "nvfp4_experts_quant") }, async () => {
+  test(`${backend} nvfp4_experts_quant: ${count(30)} problems bit-exact (any E, padding zero)`, {
+    skip: !claims(backend, "nvfp4_experts_quant"),
+  }, async () => {
     const r = new Rng(SEED + 4);
     for (let i = 0; i < count(30); i++) {
       const experts = r.pick([1, 3, 15, 17, 60, 257, r.int(1, 300)]), k = dim16(r, 512);
@@ -158,25 +255,52 @@ for (const backend of BACKENDS) {
       const gs = tensor("f32", [experts], Float32Array.from({ length: experts }, () => 448 * 6 / (20 * 2 ** (r.next() * 4 - 2))));
       const off = tensor("i32", [experts + 1], offsets), rows = nvfp4ScaleRows(m, experts), cols = Math.ceil(k / 64) * 4;
       const g = await nvfp4ExpertsQuant(gpu.upload(x), gpu.upload(off), gpu.upload(gs), {
-        context: gpu, backend,
+        context: gpu,
+        backend,
         packed: gpu.upload(tensor("u8", [m, k / 2], new Uint8Array(m * k / 2).fill(0xa5))) as never,
         scales: gpu.upload(tensor("u8", [rows, cols], new Uint8Array(rows * cols).fill(0xa5))) as never,
       });
       const c = await nvfp4ExpertsQuant(x, off, gs, { context: cpu });
-      assert.equal(firstDiff((await (g.packed as DeviceTensor<"u8">).download()).data, c.packed.data), -1, `problem ${i} (E=${experts} M=${m} K=${k}): packed`);
-      assert.equal(firstDiff((await (g.scales as DeviceTensor<"u8">).download()).data, c.scales.data), -1, `problem ${i} (E=${experts} M=${m} K=${k}): scales`);
+      assert.equal(
+        firstDiff((await (g.packed as DeviceTensor<"u8">).download()).data, c.packed.data),
+        -1,
+        `problem ${i} (E=${experts} M=${m} K=${k}): packed`,
+      );
+      assert.equal(
+        firstDiff((await (g.scales as DeviceTensor<"u8">).download()).data, c.scales.data),
+        -1,
+        `problem ${i} (E=${experts} M=${m} K=${k}): scales`,
+      );
     }
   });
 
-  test(`${backend} fp8_moe batch invariance: a needle row is bit-identical in batches of 1..257`, { skip: !claims(backend, "fp8_moe") }, async () => {
+  test(`${backend} fp8_moe batch invariance: a needle row is bit-identical in batches of 1..257`, {
+    skip: !claims(backend, "fp8_moe"),
+  }, async () => {
     const b = gpu.registry.backends.find((x) => x.name === backend)!;
     if (!b.manifest.batchInvariantOps.includes("fp8_moe")) return;
     const r = new Rng(SEED + 5);
-    const base = randomMoe(r, { experts: 16, topk: 4, m: 1, k: 256, n: 256, weightScale: "block-128", actScale: "dynamic-group-128" });
+    const base = randomMoe(r, {
+      experts: 16,
+      topk: 4,
+      m: 1,
+      k: 256,
+      n: 256,
+      weightScale: "block-128",
+      actScale: "dynamic-group-128",
+    });
     if (!inScope(backend, base)) return;
     const alone = await moeOn(gpu, backend, base, true);
     for (const m of [16, 17, 64, 65, 256, 257]) {
-      const filler = randomMoe(r, { experts: 16, topk: 4, m, k: 256, n: 256, weightScale: "block-128", actScale: "dynamic-group-128" });
+      const filler = randomMoe(r, {
+        experts: 16,
+        topk: 4,
+        m,
+        k: 256,
+        n: 256,
+        weightScale: "block-128",
+        actScale: "dynamic-group-128",
+      });
       const c = { ...base, m, x: filler.x, topkIds: filler.topkIds, topkWeights: filler.topkWeights };
       c.x.set(base.x, (m - 1) * 256), c.topkIds.set(base.topkIds, (m - 1) * 4), c.topkWeights.set(base.topkWeights, (m - 1) * 4);
       const out = await moeOn(gpu, backend, c, true);
@@ -188,39 +312,81 @@ for (const backend of BACKENDS) {
 test("libraries with a static and a shared CUDA runtime share the core's pointers and stream", async () => {
   // cudafix (shared cudart) routes on the device; the fallback (static cudart) consumes its ids with
   // no synchronization in between; the result matches the CPU reference on the same routing.
-  const dir = await buildFixture("cudafix", [], "cuda_plugin.cu", ["-cudart", "shared", "-Xlinker", "-rpath,/usr/local/cuda/lib64"]);
+  const dir = await buildFixture("cudafix", [], "cuda_plugin.cu", [
+    "-cudart",
+    "shared",
+    "-Xlinker",
+    "-rpath,/usr/local/cuda/lib64",
+  ]);
   using ctx = new Context({ device: "cuda:0", pluginPaths: [dir] });
   assert.deepEqual(ctx.registry.skipped, []);
   const r = new Rng(SEED + 6);
   const c = randomMoe(r, { experts: 32, topk: 4, m: 65, k: 256, n: 128, weightScale: "per-channel", actScale: "dynamic-token" });
   const logits = tensor("f32", [c.m, c.experts], r.values(c.m * c.experts));
   const routed = await topkSoftmax(ctx.upload(logits), c.topk, { context: ctx });
-  assert.equal(ctx.explain({ op: "topk_softmax", m: c.m, experts: c.experts, topk: c.topk }).find((v) => v.chosen)?.backend, "cudafix");
+  assert.equal(
+    ctx.explain({ op: "topk_softmax", m: c.m, experts: c.experts, topk: c.topk }).find((v) => v.chosen)?.backend,
+    "cudafix",
+  );
   const t = moeTensors(c);
-  using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale, context: ctx, backend: "fallback" })
+  using layer = new MoeLayer({
+    hidden: c.k,
+    intermediate: c.n,
+    experts: c.experts,
+    topk: c.topk,
+    weightScale: c.weightScale,
+    actScale: c.actScale,
+    context: ctx,
+    backend: "fallback",
+  })
     .load(Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, ctx.upload(v)])) as never);
   const y = await layer.forward(ctx.upload(t.x), routed.ids, routed.weights);
-  const ids = await (routed.ids as DeviceTensor<"i32">).download(), weights = await (routed.weights as DeviceTensor<"f32">).download();
+  const ids = await (routed.ids as DeviceTensor<"i32">).download(),
+    weights = await (routed.weights as DeviceTensor<"f32">).download();
   assert.ok(weights.data.every((w) => w === 0.25), "the weights carry the fixture's mark");
   const want = await moeOn(cpu, "reference", { ...c, topkIds: ids.data, topkWeights: weights.data }, true);
   assert.equal(compare((await (y as DeviceTensor<"bf16">).download()).data, want, c.k), undefined);
 });
 
 for (const backend of BACKENDS) {
-  test(`${backend} fp8_moe: a whole forward captures into a CUDA graph (no host sync) and replays on new data`, { skip: !claims(backend, "fp8_moe") }, async () => {
+  test(`${backend} fp8_moe: a whole forward captures into a CUDA graph (no host sync) and replays on new data`, {
+    skip: !claims(backend, "fp8_moe"),
+  }, async () => {
     const r = new Rng(SEED + 7);
-    const c = randomMoe(r, { experts: 60, topk: 4, m: 40, k: 128, n: 128, weightScale: "block-128", actScale: "dynamic-group-128" });
+    const c = randomMoe(r, {
+      experts: 60,
+      topk: 4,
+      m: 40,
+      k: 128,
+      n: 128,
+      weightScale: "block-128",
+      actScale: "dynamic-group-128",
+    });
     if (!inScope(backend, c)) return;
     const t = moeTensors(c);
-    using layer = new MoeLayer({ hidden: c.k, intermediate: c.n, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale: c.actScale, context: gpu, backend })
+    using layer = new MoeLayer({
+      hidden: c.k,
+      intermediate: c.n,
+      experts: c.experts,
+      topk: c.topk,
+      weightScale: c.weightScale,
+      actScale: c.actScale,
+      context: gpu,
+      backend,
+    })
       .load(Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, gpu.upload(v)])) as never);
-    const x = gpu.cuda!.upload(t.x), ids = gpu.cuda!.upload(t.topkIds), w = gpu.cuda!.upload(t.topkWeights), out = gpu.cuda!.empty("bf16", [c.m, c.k]);
+    const x = gpu.cuda!.upload(t.x),
+      ids = gpu.cuda!.upload(t.topkIds),
+      w = gpu.cuda!.upload(t.topkWeights),
+      out = gpu.cuda!.empty("bf16", [c.m, c.k]);
     await layer.forward(x, ids, w, { out }); // sizes the workspace outside the capture
     await gpu.synchronize();
     using graph = await gpu.cuda!.capture(() => layer.forward(x, ids, w, { out }));
     for (let replay = 0; replay < 2; replay++) {
       const next = {
-        ...c, x: toBf16(r.values(c.m * c.k)), topkWeights: Float32Array.from({ length: c.m * c.topk }, () => r.next()),
+        ...c,
+        x: toBf16(r.values(c.m * c.k)),
+        topkWeights: Float32Array.from({ length: c.m * c.topk }, () => r.next()),
         topkIds: Int32Array.from({ length: c.m * c.topk }, () => r.int(-1, c.experts - 1)),
       };
       const nt = moeTensors(next);
@@ -232,19 +398,46 @@ for (const backend of BACKENDS) {
     }
   });
 
-  test(`${backend} fp8_moe: the workspace query is exact (a canary past it survives, one byte less is refused) and bounded`, { skip: !claims(backend, "fp8_moe") }, async () => {
+  test(`${backend} fp8_moe: the workspace query is exact (a canary past it survives, one byte less is refused) and bounded`, {
+    skip: !claims(backend, "fp8_moe"),
+  }, async () => {
     const b = gpu.registry.backends.find((x) => x.name === backend)!, cuda = gpu.cuda!;
     const r = new Rng(SEED + 8);
     for (const actScale of ["dynamic-token", "dynamic-tensor"] as const) {
       const c = randomMoe(r, { experts: 24, topk: 6, m: 300, k: 256, n: 256, weightScale: "per-channel", actScale });
       if (!inScope(backend, c)) continue;
-      const p = gpu.problem({ op: "fp8_moe", m: c.m, n: c.n, k: c.k, experts: c.experts, topk: c.topk, weightScale: c.weightScale, actScale });
+      const p = gpu.problem({
+        op: "fp8_moe",
+        m: c.m,
+        n: c.n,
+        k: c.k,
+        experts: c.experts,
+        topk: c.topk,
+        weightScale: c.weightScale,
+        actScale,
+      });
       const t = moeTensors(c), w = Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, cuda.upload(v)]));
-      const handle = b.prepare(p, { w13: w.w13.address(), w13Scale: w.w13Scale.address(), w2: w.w2.address(), w2Scale: w.w2Scale.address() });
+      const handle = b.prepare(p, {
+        w13: w.w13.address(),
+        w13Scale: w.w13Scale.address(),
+        w2: w.w2.address(),
+        w2Scale: w.w2Scale.address(),
+      });
       const bytes = b.workspaceSize(p), ws = cuda.empty("u8", [bytes + 4096]);
       cuda.fill(ws, 0xa5);
-      const x = cuda.upload(t.x), ids = cuda.upload(t.topkIds), tw = cuda.upload(t.topkWeights), out = cuda.empty("bf16", [c.m, c.k]);
-      const slots = { x: x.address(), topkIds: ids.address(), topkWeights: tw.address(), out: out.address(), workspace: ws.address(), stream: cuda.stream, errorFlags: cuda.errorFlags };
+      const x = cuda.upload(t.x),
+        ids = cuda.upload(t.topkIds),
+        tw = cuda.upload(t.topkWeights),
+        out = cuda.empty("bf16", [c.m, c.k]);
+      const slots = {
+        x: x.address(),
+        topkIds: ids.address(),
+        topkWeights: tw.address(),
+        out: out.address(),
+        workspace: ws.address(),
+        stream: cuda.stream,
+        errorFlags: cuda.errorFlags,
+      };
       await b.run(p, handle, { ...slots, workspaceBytes: BigInt(bytes) }, []);
       const tail = (await ws.download()).data.subarray(bytes);
       assert.ok(tail.every((v) => v === 0xa5), `${actScale}: the run wrote past its ${bytes}-byte workspace`);
@@ -253,7 +446,9 @@ for (const backend of BACKENDS) {
       b.release(handle);
       for (const d of [...Object.values(w), ws, x, ids, tw, out]) d[Symbol.dispose]();
       // chunked above a bound: the workspace stops growing with M
-      if (actScale === "dynamic-token") assert.equal(b.workspaceSize({ ...p, m: 100_000 }), b.workspaceSize({ ...p, m: 200_000 }));
+      if (actScale === "dynamic-token") {
+        assert.equal(b.workspaceSize({ ...p, m: 100_000 }), b.workspaceSize({ ...p, m: 200_000 }));
+      }
     }
   });
 }

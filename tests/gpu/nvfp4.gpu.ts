@@ -50,7 +50,13 @@ const describe = (c: Case) => `${c.op} E=${c.experts} M=${c.m} ${c.op === "nvfp4
  * outliers; `special` adds zero and negative-zero blocks, NaN and infinities; `ties` makes every block
  * of some experts a power-of-two scale case whose elements scale exactly onto e2m1 ties.
  */
-function makeCase(r: Rng, op: Op, experts: number, cols: number, o: { maxRows?: number; special?: boolean; ties?: boolean; rows?: number[] } = {}): Case {
+function makeCase(
+  r: Rng,
+  op: Op,
+  experts: number,
+  cols: number,
+  o: { maxRows?: number; special?: boolean; ties?: boolean; rows?: number[] } = {},
+): Case {
   const width = op === "nvfp4_silu_quant" ? 2 * cols : cols;
   const maxRows = o.maxRows ?? Math.max(1, Math.min(300, Math.floor(BUDGET / (experts * width) * 1.4)));
   const offsets = new Int32Array(experts + 1);
@@ -89,14 +95,23 @@ function makeCase(r: Rng, op: Op, experts: number, cols: number, o: { maxRows?: 
 
 const poisoned = (c: Case) => ({
   packed: tensor("u8", [c.m, c.cols / 2], new Uint8Array((c.m * c.cols) / 2).fill(0xa5)),
-  scales: tensor("u8", [nvfp4ScaleRows(c.m, c.experts), Math.ceil(c.cols / 64) * 4], new Uint8Array(nvfp4ScaleRows(c.m, c.experts) * Math.ceil(c.cols / 64) * 4).fill(0xa5)),
+  scales: tensor(
+    "u8",
+    [nvfp4ScaleRows(c.m, c.experts), Math.ceil(c.cols / 64) * 4],
+    new Uint8Array(nvfp4ScaleRows(c.m, c.experts) * Math.ceil(c.cols / 64) * 4).fill(0xa5),
+  ),
 });
 const opOf = (op: Op) => (op === "nvfp4_silu_quant" ? nvfp4SiluQuant : nvfp4ExpertsQuant);
 
 /** The op on the CPU reference (host tensors, poisoned outputs). */
 async function onCpu(c: Case): Promise<{ packed: Uint8Array; scales: Uint8Array }> {
   const out = poisoned(c);
-  await opOf(c.op)(tensor("bf16", [c.m, inCols(c)], c.x), tensor("i32", [c.experts + 1], c.offsets), tensor("f32", [c.experts], c.gs), { context: cpu, ...out });
+  await opOf(c.op)(
+    tensor("bf16", [c.m, inCols(c)], c.x),
+    tensor("i32", [c.experts + 1], c.offsets),
+    tensor("f32", [c.experts], c.gs),
+    { context: cpu, ...out },
+  );
   return { packed: out.packed.data, scales: out.scales.data };
 }
 
@@ -105,8 +120,11 @@ async function onGpu(c: Case, x = c.x, op: Op = c.op): Promise<{ packed: Uint8Ar
   const width = op === "nvfp4_silu_quant" ? 2 * c.cols : c.cols;
   const host = poisoned(c);
   const t = {
-    x: cuda.upload(tensor("bf16", [c.m, width], x)), off: cuda.upload(tensor("i32", [c.experts + 1], c.offsets)),
-    gs: cuda.upload(tensor("f32", [c.experts], c.gs)), packed: cuda.upload(host.packed), scales: cuda.upload(host.scales),
+    x: cuda.upload(tensor("bf16", [c.m, width], x)),
+    off: cuda.upload(tensor("i32", [c.experts + 1], c.offsets)),
+    gs: cuda.upload(tensor("f32", [c.experts], c.gs)),
+    packed: cuda.upload(host.packed),
+    scales: cuda.upload(host.scales),
   };
   try {
     await opOf(op)(t.x, t.off, t.gs, { context: gpu, backend: "nvfp4", packed: t.packed, scales: t.scales });
@@ -116,7 +134,11 @@ async function onGpu(c: Case, x = c.x, op: Op = c.op): Promise<{ packed: Uint8Ar
   }
 }
 
-function assertSame(got: { packed: Uint8Array; scales: Uint8Array }, want: { packed: Uint8Array; scales: Uint8Array }, what: string) {
+function assertSame(
+  got: { packed: Uint8Array; scales: Uint8Array },
+  want: { packed: Uint8Array; scales: Uint8Array },
+  what: string,
+) {
   const p = firstDiff(got.packed, want.packed), s = firstDiff(got.scales, want.scales);
   assert.equal(p, -1, `${what}: packed byte ${p}: got ${got.packed[p]}, want ${want.packed[p]}`);
   assert.equal(s, -1, `${what}: scale byte ${s}: got ${got.scales[s]}, want ${want.scales[s]}`);
@@ -126,7 +148,14 @@ const KS = [16, 48, 80, 2048, 7168], ES = [1, 7, 60, 64, 257, 1024];
 
 test("the oracle picks nvfp4 for both NVFP4 ops on the GPU", () => {
   backend();
-  for (const spec of [{ op: "nvfp4_experts_quant" as const, m: 64, k: 7168, experts: 256 }, { op: "nvfp4_silu_quant" as const, m: 64, n: 2048, experts: 256 }]) {
+  for (
+    const spec of [{ op: "nvfp4_experts_quant" as const, m: 64, k: 7168, experts: 256 }, {
+      op: "nvfp4_silu_quant" as const,
+      m: 64,
+      n: 2048,
+      experts: 256,
+    }]
+  ) {
     assert.equal(gpu.explain(spec).find((v) => v.chosen)?.backend, "nvfp4");
   }
 });
@@ -135,8 +164,14 @@ test("nvfp4_experts_quant: every K x E (K = 16..7168, E = 1..1024, lookup bounda
   backend();
   const r = new Rng(SEED);
   const cases: Case[] = [];
-  for (const k of KS) for (const e of ES) cases.push(makeCase(r, "nvfp4_experts_quant", e, k, { special: cases.length % 3 === 1, ties: cases.length % 3 === 2 }));
-  for (const e of [32, 33, 4096, 4097]) cases.push(makeCase(r, "nvfp4_experts_quant", e, r.pick([16, 80, 256]), { special: true }));
+  for (const k of KS) {
+    for (const e of ES) {
+      cases.push(makeCase(r, "nvfp4_experts_quant", e, k, { special: cases.length % 3 === 1, ties: cases.length % 3 === 2 }));
+    }
+  }
+  for (const e of [32, 33, 4096, 4097]) {
+    cases.push(makeCase(r, "nvfp4_experts_quant", e, r.pick([16, 80, 256]), { special: true }));
+  }
   cases.push(makeCase(r, "nvfp4_experts_quant", 5, 64, { rows: [0] })); // M = 0: the whole buffer is padding
   cases.push(makeCase(r, "nvfp4_experts_quant", 3, 48, { rows: [128, 0, 256] })); // no partial tile
   for (const [i, c] of some(cases).entries()) assertSame(await onGpu(c), await onCpu(c), `case ${i} (${describe(c)})`);
@@ -162,13 +197,21 @@ test("nvfp4_silu_quant: bit-exact for N x E, and equal to nvfp4_experts_quant of
   backend();
   const r = new Rng(SEED + 2);
   const cases: Case[] = [];
-  for (const n of [16, 48, 80, 2048]) for (const e of [1, 7, 60, 257, 1024]) cases.push(makeCase(r, "nvfp4_silu_quant", e, n, { special: cases.length % 4 === 1 }));
+  for (const n of [16, 48, 80, 2048]) {
+    for (const e of [1, 7, 60, 257, 1024]) {
+      cases.push(makeCase(r, "nvfp4_silu_quant", e, n, { special: cases.length % 4 === 1 }));
+    }
+  }
   cases.push(makeCase(r, "nvfp4_silu_quant", 4097, 32, { special: true }));
   for (const [i, c] of some(cases).entries()) {
     const got = await onGpu(c);
     assertSame(got, await onCpu(c), `case ${i} (${describe(c)})`);
     // the composition, entirely on the GPU: h from the float64 reference, then the quant kernel
-    assertSame(got, await onGpu(c, siluRows(c.x, c.m, c.cols), "nvfp4_experts_quant"), `case ${i} (${describe(c)}): fused vs silu then quant`);
+    assertSame(
+      got,
+      await onGpu(c, siluRows(c.x, c.m, c.cols), "nvfp4_experts_quant"),
+      `case ${i} (${describe(c)}): fused vs silu then quant`,
+    );
   }
 });
 
@@ -186,8 +229,11 @@ test("invalid offsets on the device: device_error on synchronize, values untouch
       for (const [i, spoil] of bad.entries()) {
         const host = poisoned(c);
         const t = {
-          x: cuda.upload(tensor("bf16", [c.m, inCols(c)], c.x)), off: cuda.upload(tensor("i32", [experts + 1], spoil(c.offsets.slice()))),
-          gs: cuda.upload(tensor("f32", [experts], c.gs)), packed: cuda.upload(host.packed), scales: cuda.upload(host.scales),
+          x: cuda.upload(tensor("bf16", [c.m, inCols(c)], c.x)),
+          off: cuda.upload(tensor("i32", [experts + 1], spoil(c.offsets.slice()))),
+          gs: cuda.upload(tensor("f32", [experts], c.gs)),
+          packed: cuda.upload(host.packed),
+          scales: cuda.upload(host.scales),
         };
         await opOf(op)(t.x, t.off, t.gs, { context: gpu, backend: "nvfp4", packed: t.packed, scales: t.scales });
         await assert.rejects(gpu.synchronize(), /expert offsets not 0\.\.M non-decreasing/, `${op} E=${experts} spoil ${i}`);
@@ -207,15 +253,26 @@ test("exact-size buffers (E = 60, 257, 4097): nothing read or written past them 
     for (const op of ["nvfp4_experts_quant", "nvfp4_silu_quant"] as const) {
       const c = makeCase(r, op, experts, 80, { maxRows: 150 });
       const p = gpu.problem(op === "nvfp4_silu_quant" ? { op, m: c.m, n: c.cols, experts } : { op, m: c.m, k: c.cols, experts });
-      const wsBytes = b.workspaceSize(p), outBytes = (c.m * c.cols) / 2, sfBytes = nvfp4ScaleRows(c.m, experts) * Math.ceil(c.cols / 64) * 4;
+      const wsBytes = b.workspaceSize(p),
+        outBytes = (c.m * c.cols) / 2,
+        sfBytes = nvfp4ScaleRows(c.m, experts) * Math.ceil(c.cols / 64) * 4;
       // inputs at their exact sizes (what compute-sanitizer memcheck checks), outputs with canaries after
       const x = cuda.upload(tensor("bf16", [c.m, inCols(c)], c.x)), off = cuda.upload(tensor("i32", [experts + 1], c.offsets));
       const gs = cuda.upload(tensor("f32", [experts], c.gs));
-      const ws = cuda.empty("u8", [wsBytes + 4096]), out = cuda.empty("u8", [outBytes + 4096]), sf = cuda.empty("u8", [sfBytes + 4096]);
+      const ws = cuda.empty("u8", [wsBytes + 4096]),
+        out = cuda.empty("u8", [outBytes + 4096]),
+        sf = cuda.empty("u8", [sfBytes + 4096]);
       for (const d of [ws, out, sf]) cuda.fill(d, 0xa5);
       const slots: Partial<TensorAddresses> = {
-        x: x.address(), expertOffsets: off.address(), globalScale: gs.address(), out: out.address(), outAux: sf.address(),
-        workspace: ws.address(), workspaceBytes: BigInt(wsBytes), stream: cuda.stream, errorFlags: cuda.errorFlags,
+        x: x.address(),
+        expertOffsets: off.address(),
+        globalScale: gs.address(),
+        out: out.address(),
+        outAux: sf.address(),
+        workspace: ws.address(),
+        workspaceBytes: BigInt(wsBytes),
+        stream: cuda.stream,
+        errorFlags: cuda.errorFlags,
       };
       await b.run(p, 0n, slots, []);
       const what = `${op} E=${experts} M=${c.m}`;
@@ -236,27 +293,47 @@ test("the benchmark's variants (plain, forced lookups, memset first) write the b
   const variants = openVariants(b.path);
   const r = new Rng(SEED + 5);
   try {
-    for (const c of some([
-      makeCase(r, "nvfp4_experts_quant", 8, 7168, { rows: [1, 0, 2, 1, 0, 3, 1, 0] }),
-      makeCase(r, "nvfp4_experts_quant", 60, 80, { special: true }),
-      makeCase(r, "nvfp4_experts_quant", 257, 2048, { maxRows: 40 }),
-      makeCase(r, "nvfp4_silu_quant", 7, 48, {}),
-    ])) {
+    for (
+      const c of some([
+        makeCase(r, "nvfp4_experts_quant", 8, 7168, { rows: [1, 0, 2, 1, 0, 3, 1, 0] }),
+        makeCase(r, "nvfp4_experts_quant", 60, 80, { special: true }),
+        makeCase(r, "nvfp4_experts_quant", 257, 2048, { maxRows: 40 }),
+        makeCase(r, "nvfp4_silu_quant", 7, 48, {}),
+      ])
+    ) {
       const want = await onCpu(c);
-      const p = gpu.problem(c.op === "nvfp4_silu_quant" ? { op: c.op, m: c.m, n: c.cols, experts: c.experts } : { op: c.op, m: c.m, k: c.cols, experts: c.experts });
+      const p = gpu.problem(
+        c.op === "nvfp4_silu_quant"
+          ? { op: c.op, m: c.m, n: c.cols, experts: c.experts }
+          : { op: c.op, m: c.m, k: c.cols, experts: c.experts },
+      );
       const host = poisoned(c);
       const t = {
-        x: cuda.upload(tensor("bf16", [c.m, inCols(c)], c.x)), off: cuda.upload(tensor("i32", [c.experts + 1], c.offsets)),
-        gs: cuda.upload(tensor("f32", [c.experts], c.gs)), packed: cuda.upload(host.packed), scales: cuda.upload(host.scales),
+        x: cuda.upload(tensor("bf16", [c.m, inCols(c)], c.x)),
+        off: cuda.upload(tensor("i32", [c.experts + 1], c.offsets)),
+        gs: cuda.upload(tensor("f32", [c.experts], c.gs)),
+        packed: cuda.upload(host.packed),
+        scales: cuda.upload(host.scales),
         ws: cuda.empty("u8", [variantWorkspace(c.experts)]),
       };
       for (const v of ["auto", "plain", "smem", "global", "memset"] as Variant[]) {
         cuda.write(t.packed as DeviceTensor<"u8">, host.packed), cuda.write(t.scales as DeviceTensor<"u8">, host.scales);
         variants.run(p, {
-          x: t.x.address(), expertOffsets: t.off.address(), globalScale: t.gs.address(), out: t.packed.address(), outAux: t.scales.address(),
-          workspace: t.ws.address(), workspaceBytes: BigInt(t.ws.bytes), stream: cuda.stream, errorFlags: cuda.errorFlags,
+          x: t.x.address(),
+          expertOffsets: t.off.address(),
+          globalScale: t.gs.address(),
+          out: t.packed.address(),
+          outAux: t.scales.address(),
+          workspace: t.ws.address(),
+          workspaceBytes: BigInt(t.ws.bytes),
+          stream: cuda.stream,
+          errorFlags: cuda.errorFlags,
         }, v);
-        assertSame({ packed: (await t.packed.download()).data, scales: (await t.scales.download()).data }, want, `${describe(c)} variant ${v}`);
+        assertSame(
+          { packed: (await t.packed.download()).data, scales: (await t.scales.download()).data },
+          want,
+          `${describe(c)} variant ${v}`,
+        );
       }
       for (const d of Object.values(t)) d[Symbol.dispose]();
     }
