@@ -20,11 +20,12 @@ export {
   type Nvfp4Options,
   nvfp4ScaleRows,
   nvfp4SiluQuant,
+  type PreparedLayer,
   topkSoftmax,
 } from "./core/ops.ts";
 export { Context, type ContextOptions, defaultContext, type ProblemSpec } from "./core/context.ts";
 export { explain, formatVerdicts, type SelectOptions, type Verdict } from "./core/oracle.ts";
-export { type Device, type DType, Tensor, tensor, type TensorLike } from "./core/tensor.ts";
+export { type ArrayFor, type Device, type DType, type Storage, Tensor, tensor, type TensorLike } from "./core/tensor.ts";
 export { CudaDevice, DeviceTensor } from "./cuda/device.ts";
 export type { Like } from "./core/ops.ts";
 export { ArgumentError, type ErrorCode, MoeffiError } from "./core/errors.ts";
@@ -53,11 +54,15 @@ export {
   ABI_VERSION,
   ACT_SCALES,
   type ActScale,
+  type DeviceKind,
+  DEVICES,
   type Manifest,
   type Op,
   OPS,
   type Problem,
+  type TensorAddresses,
   WEIGHT_SCALES,
+  type WeightAddresses,
   type WeightScale,
 } from "./ffi/abi.ts";
-export { type Backend, BUILTIN_NAMES, type Skipped } from "./ffi/plugins.ts";
+export { type Backend, BUILTIN_NAMES, type Registry, type Skipped } from "./ffi/plugins.ts";

@@ -52,25 +52,37 @@ export interface MoeCheckpointConfig {
   hidden: number;
   /** N */
   intermediate: number;
+  /** E: number of experts. */
   experts: number;
+  /** block-128 (deepseek-v3, qwen3-moe) or per-channel (mixtral). */
   weightScale: WeightScale;
+  /** dynamic-group-128 (deepseek-v3, qwen3-moe); mixtral: static-tensor, or dynamic-tensor without input_scale. */
   actScale: ActScale;
 }
 
 /** Host tensors in the canonical layout, ready for MoeLayer.load. */
 export interface MoeCheckpointWeights {
+  /** fp8 e4m3 [E, 2N, K]: gate rows then up rows per expert. */
   w13: Tensor<"fp8_e4m3">;
+  /** f32 scales of w13, shaped as weightScaleShape says for the config's weightScale. */
   w13Scale: Tensor<"f32">;
+  /** fp8 e4m3 [E, K, N]: the down projection. */
   w2: Tensor<"fp8_e4m3">;
+  /** f32 scales of w2, shaped as weightScaleShape says for the config's weightScale. */
   w2Scale: Tensor<"f32">;
+  /** Static activation scale of x, f32 [1]: the max input_scale of every w1 and w3 (mixtral static-tensor only). */
   a1Scale?: Tensor<"f32">;
+  /** Static activation scale of the intermediate, f32 [1]: the max input_scale of every w2 (mixtral static-tensor only). */
   a2Scale?: Tensor<"f32">;
 }
 
 /** One MoE layer of a checkpoint. */
 export interface MoeCheckpoint {
+  /** The naming convention the layer's experts use. */
   format: CheckpointFormat;
+  /** The layer's shape and scale schemes. */
   config: MoeCheckpointConfig;
+  /** The layer's weights, as host tensors. */
   weights: MoeCheckpointWeights;
 }
 

@@ -71,6 +71,7 @@ export class Context implements Disposable {
     } as Problem;
   }
 
+  /** Adds FLAG_BATCH_INVARIANT when the options ask for batch invariance. */
   private withFlags(p: Problem): Problem {
     return this.options.batchInvariant ? { ...p, flags: p.flags | FLAG_BATCH_INVARIANT } : p;
   }

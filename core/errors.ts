@@ -16,6 +16,7 @@ export class MoeffiError extends Error {
   /** "MoeffiError" */
   override name = "MoeffiError";
   /**
+   * An error of one kind.
    * @param code the kind of failure
    * @param message what happened, with the values involved
    */
@@ -29,6 +30,7 @@ export class ArgumentError extends MoeffiError {
   /** "ArgumentError" */
   override name = "ArgumentError";
   /**
+   * Says which argument was wrong and what was expected.
    * @param argument the argument's name
    * @param shape its shape, when it is a tensor
    * @param expected what it should have been

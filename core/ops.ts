@@ -26,14 +26,25 @@ import {
 // A prepared handle is released when its layer is disposed, or collected as a safety net.
 const handles = new FinalizationRegistry<{ backend: Backend; handle: bigint }>(({ backend, handle }) => backend.release(handle));
 
-/** A layer whose backend holds prepared weights. */
-abstract class PreparedLayer implements Disposable {
+/** A layer whose backend holds prepared weights: the base of MoeLayer and Fp8Linear. */
+export abstract class PreparedLayer implements Disposable {
+  /** The backend chosen to run this layer. */
   readonly backend: Backend;
+  /** Every backend's verdict on the layer's problem when it was made. */
   readonly verdicts: Verdict[];
+  /** The backend's handle to the prepared weights; 0n when none are loaded. */
   protected handle = 0n;
+  /** Tensors given at load (static scales, bias) that every run passes. */
   protected statics: Record<string, TensorLike | undefined> = {};
 
-  constructor(protected readonly ctx: Context, protected readonly problem: Problem, backend?: string) {
+  /** Picks the backend for the problem (strict when one is forced by name). */
+  constructor(
+    /** The context the layer runs in. */
+    protected readonly ctx: Context,
+    /** The problem the backend is chosen for (m = maxTokens). */
+    protected readonly problem: Problem,
+    backend?: string,
+  ) {
     ({ backend: this.backend, verdicts: this.verdicts } = ctx.select(problem, backend));
   }
 
@@ -42,7 +53,8 @@ abstract class PreparedLayer implements Disposable {
     return this.backend.name;
   }
 
-  protected prepare(weights: { w13: TensorLike; w13Scale: TensorLike; w2?: TensorLike; w2Scale?: TensorLike }) {
+  /** Releases any prepared weights, then has the backend prepare these. */
+  protected prepare(weights: { w13: TensorLike; w13Scale: TensorLike; w2?: TensorLike; w2Scale?: TensorLike }): void {
     this.release();
     this.handle = this.backend.prepare(this.problem, {
       w13: weights.w13.address(),
@@ -53,6 +65,7 @@ abstract class PreparedLayer implements Disposable {
     handles.register(this, { backend: this.backend, handle: this.handle }, this);
   }
 
+  /** The prepared handle; a "disposed" MoeffiError when no weights are loaded. */
   protected loaded(): bigint {
     if (this.handle === 0n) {
       throw new MoeffiError("disposed", "weights are not loaded: call load() first (or the layer was disposed)");
@@ -60,13 +73,15 @@ abstract class PreparedLayer implements Disposable {
     return this.handle;
   }
 
-  private release() {
+  /** Frees the prepared weights, if any. */
+  private release(): void {
     if (this.handle === 0n) return;
     handles.unregister(this);
     this.backend.release(this.handle);
     this.handle = 0n;
   }
 
+  /** Frees the prepared weights; forward() then throws until load() is called again. */
   [Symbol.dispose](): void {
     this.release();
   }
@@ -82,35 +97,50 @@ function expectStatic(act: ActScale, name: string, t: TensorLike | undefined, de
   expectPositiveScales(name, t!);
 }
 
+/** Shape, scale schemes and backend choice of a MoeLayer. */
 export interface MoeConfig {
   /** K: hidden size. */
   hidden: number;
   /** N: expert intermediate size. */
   intermediate: number;
+  /** E: number of experts. */
   experts: number;
+  /** Experts per token (at most experts). */
   topk: number;
+  /** How w13Scale and w2Scale scale the weights. */
   weightScale: WeightScale;
+  /** How activations are scaled; "static-tensor" needs a1Scale and a2Scale. */
   actScale: ActScale;
   /** Largest batch the backend is chosen for (default 4096); a forward may pass fewer rows. */
   maxTokens?: number;
   /** Force a backend by name (strict). */
   backend?: string;
+  /** The context to run in (default: defaultContext()). */
   context?: Context;
 }
 
+/** The weights of a MoeLayer, on the layer's device, in the canonical layout. */
 export interface MoeWeights {
-  w13: TensorLike; // fp8 [E, 2N, K]
-  w13Scale: TensorLike; // f32, per weightScale
-  w2: TensorLike; // fp8 [E, K, N]
+  /** fp8 e4m3 [E, 2N, K]: gate rows then up rows per expert. */
+  w13: TensorLike;
+  /** f32 scales of w13, per weightScale: [E] | [E, 2N] | [E, ceil(2N/128), ceil(K/128)]. */
+  w13Scale: TensorLike;
+  /** fp8 e4m3 [E, K, N]: the down projection. */
+  w2: TensorLike;
+  /** f32 scales of w2, per weightScale: [E] | [E, K] | [E, ceil(K/128), ceil(N/128)]. */
   w2Scale: TensorLike;
-  a1Scale?: TensorLike; // f32 [1], static-tensor only
+  /** Static activation scale of x, f32 [1]; only with actScale "static-tensor". */
+  a1Scale?: TensorLike;
+  /** Static activation scale of the intermediate, f32 [1]; only with actScale "static-tensor". */
   a2Scale?: TensorLike;
 }
 
 /** A fused FP8 MoE layer (op fp8_moe). */
 export class MoeLayer extends PreparedLayer {
+  /** A copy of the config the layer was made with. */
   readonly config: Readonly<MoeConfig>;
 
+  /** Validates the config and picks the backend; load() the weights before forward(). */
   constructor(config: MoeConfig) {
     const k = expectInt("hidden", config.hidden), n = expectInt("intermediate", config.intermediate);
     const experts = expectInt("experts", config.experts), topk = expectInt("topk", config.topk);
@@ -162,22 +192,33 @@ export class MoeLayer extends PreparedLayer {
   }
 }
 
+/** Shape, scale schemes and backend choice of an Fp8Linear. */
 export interface LinearConfig {
   /** K */
   inFeatures: number;
   /** N */
   outFeatures: number;
+  /** How wScale scales W. */
   weightScale: WeightScale;
+  /** How x is scaled; "static-tensor" needs a1Scale. */
   actScale: ActScale;
+  /** Whether load() takes a bf16 [N] bias (default false). */
   bias?: boolean;
+  /** Largest batch the backend is chosen for (default 4096); a forward may pass fewer rows. */
   maxTokens?: number;
+  /** Force a backend by name (strict). */
   backend?: string;
+  /** The context to run in (default: defaultContext()). */
   context?: Context;
 }
 
 /** The FP8 linear layer (op fp8_scaled_mm): y = dequant(quant(x)) @ dequant(W)^T (+ bias), bf16. */
 export class Fp8Linear extends PreparedLayer {
-  constructor(readonly config: LinearConfig) {
+  /** Validates the config and picks the backend; load() the weights before forward(). */
+  constructor(
+    /** The config the layer was made with. */
+    readonly config: LinearConfig,
+  ) {
     const k = expectInt("inFeatures", config.inFeatures), n = expectInt("outFeatures", config.outFeatures);
     expectMultipleOf16("inFeatures", k);
     const [weightScale, actScale] = expectScheme(config.weightScale, config.actScale);
@@ -190,6 +231,7 @@ export class Fp8Linear extends PreparedLayer {
     );
   }
 
+  /** Validates and prepares W fp8 [N, K], its f32 scales, the bias and a static a1Scale (loading again replaces them). */
   load(w: { w: TensorLike; wScale: TensorLike; bias?: TensorLike; a1Scale?: TensorLike }): this {
     const { n, k, weightScale, actScale } = this.problem, dev = this.ctx.device;
     expectTensor("w", w.w, "fp8_e4m3", [n, k], dev);
@@ -203,6 +245,7 @@ export class Fp8Linear extends PreparedLayer {
     return this;
   }
 
+  /** y = dequant(quant(x)) @ dequant(W)^T (+ bias): x bf16 [M, K] -> bf16 [M, N]. */
   async forward<T extends TensorLike>(x: T, opts: { out?: Like<T, "bf16"> } = {}): Promise<Like<T, "bf16">> {
     const { n, k } = this.problem, dev = this.ctx.device;
     const m = x?.shape?.[0];
@@ -238,11 +281,13 @@ export async function topkSoftmax<T extends TensorLike>(
 }
 
 /** Rows of the swizzled NVFP4 scale buffer: room for every expert to start on a 128-row tile. */
-export const nvfp4ScaleRows = (m: number, experts: number) => m + 127 * experts;
+export const nvfp4ScaleRows = (m: number, experts: number): number => m + 127 * experts;
 
 /** Options of the NVFP4 ops: context, a forced backend, and output tensors to fill. */
 export interface Nvfp4Options<T extends TensorLike> {
+  /** The context to run in (default: defaultContext()). */
   context?: Context;
+  /** Force a backend by name (strict). */
   backend?: string;
   /** uint8 [M, cols / 2]: two e2m1 codes per byte, element 2i in the low nibble. */
   packed?: Like<T, "u8">;

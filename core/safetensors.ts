@@ -15,8 +15,16 @@ import { type DType, numel, Tensor } from "./tensor.ts";
 
 /** A malformed or inconsistent checkpoint; the message names the file and, where one is involved, the tensor. */
 export class CheckpointError extends MoeffiError {
+  /** "CheckpointError" */
   override name = "CheckpointError";
-  constructor(readonly file: string, readonly tensor: string | undefined, detail: string) {
+  /** An error about one file and, when given, one of its tensors (code "invalid_argument"). */
+  constructor(
+    /** The file (or index json) at fault. */
+    readonly file: string,
+    /** The tensor at fault, if one is. */
+    readonly tensor: string | undefined,
+    detail: string,
+  ) {
     super("invalid_argument", `${file}${tensor === undefined ? "" : `: tensor ${tensor}`}: ${detail}`);
   }
 }
@@ -65,14 +73,17 @@ const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /** Where one tensor lies, as its file's header says (checked against the file's size). */
 export interface TensorInfo {
+  /** The tensor's name in the header. */
   readonly name: string;
   /** The file holding it. */
   readonly file: string;
   /** safetensors dtype name, e.g. "F8_E4M3". */
   readonly dtype: string;
+  /** Dimensions, row-major. */
   readonly shape: readonly number[];
   /** Absolute byte range in the file: [start, end). */
   readonly start: number;
+  /** End of the byte range (exclusive). */
   readonly end: number;
 }
 
@@ -236,6 +247,7 @@ export interface TensorSource extends Disposable {
   readonly path: string;
   /** Every tensor name, in header (or index) order. */
   readonly names: readonly string[];
+  /** Whether a tensor of that name exists. */
   has(name: string): boolean;
   /** Where a tensor lies; a CheckpointError when it does not exist. */
   info(name: string): TensorInfo;
@@ -257,7 +269,11 @@ export class SafetensorsFile implements TensorSource {
   #names?: readonly string[];
   #fd: number | undefined;
 
-  constructor(readonly path: string) {
+  /** Opens the file and checks its header; a CheckpointError when it cannot be read or is malformed. */
+  constructor(
+    /** The file's path. */
+    readonly path: string,
+  ) {
     let fd: number;
     try {
       fd = openSync(path, "r");

@@ -19,10 +19,15 @@ const ARRAYS = {
 } as const;
 /** Typed array class per dtype. */
 export interface Storage {
+  /** bf16 bit patterns. */
   bf16: Uint16Array<ArrayBufferLike>;
+  /** fp32 values. */
   f32: Float32Array<ArrayBufferLike>;
+  /** int32 values. */
   i32: Int32Array<ArrayBufferLike>;
+  /** fp8 e4m3fn codes. */
   fp8_e4m3: Uint8Array<ArrayBufferLike>;
+  /** Raw bytes: packed fp4 codes, swizzled block scales. */
   u8: Uint8Array<ArrayBufferLike>;
 }
 /** The typed array that stores a dtype. */

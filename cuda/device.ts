@@ -27,11 +27,19 @@ export class DeviceTensor<D extends DType = DType> implements TensorLike, Dispos
   readonly device: `cuda:${number}`;
   #address: bigint;
 
-  constructor(readonly dtype: D, readonly shape: readonly number[], readonly cuda: CudaDevice, address: bigint) {
+  /** Wraps device memory at `address`, which it then owns: freed on dispose, or when collected. */
+  constructor(
+    readonly dtype: D,
+    readonly shape: readonly number[],
+    /** The device whose memory holds the tensor. */
+    readonly cuda: CudaDevice,
+    address: bigint,
+  ) {
     this.device = `cuda:${cuda.ordinal}`;
     this.#address = address;
     freeDevice.register(this, { device: cuda, address }, this);
   }
+  /** Size in bytes: elements times the dtype's width. */
   get bytes(): number {
     return numel(this.shape) * BYTES[this.dtype];
   }
@@ -43,6 +51,7 @@ export class DeviceTensor<D extends DType = DType> implements TensorLike, Dispos
   download(): Promise<Tensor<D>> {
     return this.cuda.download(this);
   }
+  /** Frees the device memory now rather than when collected (idempotent). */
   [Symbol.dispose](): void {
     if (this.#address === 0n) return;
     freeDevice.unregister(this);
@@ -55,14 +64,18 @@ const devices = new Map<number, CudaDevice>();
 
 /** One CUDA device: its primary context, a stream every op of the core runs on, an error word. */
 export class CudaDevice {
+  /** The device's name, as cuDeviceGetName reports it. */
   readonly name: string;
+  /** Compute capability [major, minor], e.g. [9, 0]. */
   readonly capability: [number, number];
+  /** The non-blocking CUstream every op of the core runs on. */
   readonly stream: bigint;
   /** Host-mapped word the kernels OR error bits into (see MOEFFI_ERROR_* in moeffi.h). */
   readonly errorFlags: bigint;
   readonly #driver: Driver;
   readonly #flags: Uint32Array;
 
+  /** The device of a CUDA ordinal, opened on first use and shared after. */
   static get(ordinal: number): CudaDevice {
     let d = devices.get(ordinal);
     if (!d) devices.set(ordinal, d = new CudaDevice(ordinal));
@@ -93,12 +106,14 @@ export class CudaDevice {
     this.#flags[0] = 0;
   }
 
+  /** Throws a "device_error" MoeffiError naming `what` unless a driver call returned CUDA_SUCCESS (0). */
   check(status: number, what: string): void {
     if (status !== 0) {
       throw new MoeffiError("device_error", `cuda:${this.ordinal}: ${what} failed: ${errorString(this.#driver, status)}`);
     }
   }
 
+  /** Allocates device memory (cuMemAlloc); 0n for 0 bytes. Release it with free(). */
   alloc(bytes: number): bigint {
     if (bytes === 0) return 0n;
     const out = new BigUint64Array(1);
@@ -106,10 +121,12 @@ export class CudaDevice {
     return out[0];
   }
 
+  /** Frees memory from alloc(); 0n is a no-op. */
   free(address: bigint): void {
     if (address !== 0n) this.#driver.cuMemFree_v2(address);
   }
 
+  /** A new device tensor, uninitialized. */
   empty<D extends DType>(dtype: D, shape: readonly number[]): DeviceTensor<D> {
     return new DeviceTensor(dtype, [...shape], this, this.alloc(numel(shape) * BYTES[dtype]));
   }
@@ -148,6 +165,7 @@ export class CudaDevice {
     }
   }
 
+  /** Waits for the stream, then copies a device tensor into a new host tensor. */
   async download<D extends DType>(t: DeviceTensor<D>): Promise<Tensor<D>> {
     await this.synchronize();
     const host = tensor(t.dtype, t.shape);
