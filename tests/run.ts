@@ -1,5 +1,5 @@
-// Runs the whole suite under Deno and under Bun and prints one closing line for both:
-// `N passed, N failed`. Exits non-zero when anything failed or a runner could not run.
+// Runs the whole suite under Deno and under Bun, then the static checks, and prints one closing
+// line for all: `N passed, N failed`. Exits non-zero when anything failed or a runner could not run.
 import { spawn } from "node:child_process";
 
 interface Count {
@@ -42,8 +42,26 @@ const bunCount = (out: string) => {
 
 const deno = await runSuite("deno", ["test", "-A", "tests/"], denoCount);
 const bun = await runSuite("bun", ["test", "--timeout", "600000", "tests/"], bunCount);
+
+// Static checks, one count each: types (the Bun files against bun-types on their own, since they
+// declare another global environment), lint, format, and documentation of every export.
+const CHECKS: [string, string[]][] = [
+  ["deno check", ["check", "mod.ts", "tests/", "bench/", "tools/", "examples/"]],
+  ["deno check (Bun files, bun-types)", ["check", "ffi/runtime_bun.ts"]],
+  ["deno lint", ["lint"]],
+  ["deno fmt --check", ["fmt", "--check"]],
+  ["deno doc --lint mod.ts", ["doc", "--lint", "mod.ts"]],
+];
+const checks = { passed: 0, failed: 0 };
+for (const [name, args] of CHECKS) {
+  const ok = await runSuite("deno", args, () => ({ passed: 0, failed: 0 }));
+  console.log(`${ok.ok ? "ok" : "FAILED"}: ${name}`);
+  ok.ok ? checks.passed++ : checks.failed++;
+}
+
 console.log(`\ndeno: ${deno.passed} passed, ${deno.failed} failed`);
 console.log(`bun: ${bun.passed} passed, ${bun.failed} failed`);
-const failed = deno.failed + bun.failed + (deno.ok ? 0 : deno.failed ? 0 : 1) + (bun.ok ? 0 : bun.failed ? 0 : 1);
-console.log(`${deno.passed + bun.passed} passed, ${failed} failed`);
+console.log(`static checks: ${checks.passed} passed, ${checks.failed} failed`);
+const failed = deno.failed + bun.failed + checks.failed + (deno.ok || deno.failed ? 0 : 1) + (bun.ok || bun.failed ? 0 : 1);
+console.log(`${deno.passed + bun.passed + checks.passed} passed, ${failed} failed`);
 process.exit(failed === 0 ? 0 : 1);
