@@ -278,9 +278,10 @@ __device__ __forceinline__ uint8_t block_scale(float amax, const Expert &ex, flo
 // reference's e2m1(v * scale) for every v, NaN included, since scale is +0 or positive
 // (scale_value in numerics.cuh says why a NaN's sign needs care).
 __device__ __forceinline__ void store_codes(const Args &a, Pos p, const uint4 &h, const float (&v)[8], float scale) {
-  uint32_t packed = bf16x8_sign_nibbles(h.x, h.y, h.z, h.w);
+  float x[8];
 #pragma unroll
-  for (int k = 0; k < 8; k++) packed |= e2m1_magnitude(mul_rn(v[k], scale)) << (4 * k);
+  for (int k = 0; k < 8; k++) x[k] = mul_rn(v[k], scale);
+  const uint32_t packed = bf16x8_sign_nibbles(h.x, h.y, h.z, h.w) | e2m1x8_magnitudes(x);
   __stcs((unsigned int *)a.out + ((int64_t)p.r * a.ipr + p.j), packed);
 }
 
