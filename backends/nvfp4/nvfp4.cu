@@ -531,19 +531,8 @@ uint64_t workspace_bytes(int64_t E, int lookup) { return lookup == GLOBAL ? 16 +
 int32_t check_problem(const moeffi_problem *p, char *msg, uint32_t cap) {
   if (!p) FAIL(MOEFFI_INVALID, "problem is NULL");
   if (p->size < sizeof(moeffi_problem)) FAIL(MOEFFI_INVALID, "problem struct too small");
-  if (p->device == MOEFFI_DEVICE_CPU) FAIL(MOEFFI_UNSUPPORTED, "nvfp4 runs on CUDA; tensors are on the CPU");
-  if (p->device != MOEFFI_DEVICE_CUDA) FAIL(MOEFFI_UNSUPPORTED, "unknown device %u", p->device);
-  // Without a driver the static runtime answers cudaErrorInsufficientDriver or cudaErrorNoDevice.
-  int count = 0, major = 0, minor = 0;
-  cudaError_t err = cudaGetDeviceCount(&count);
-  if (err == cudaSuccess && count == 0) err = cudaErrorNoDevice;
-  if (err != cudaSuccess) FAIL(MOEFFI_UNSUPPORTED, "no CUDA device: %s", cudaGetErrorString(err));
-  if (p->device_index < 0 || p->device_index >= count)
-    FAIL(MOEFFI_UNSUPPORTED, "cuda:%d does not exist (%d CUDA devices)", p->device_index, count);
-  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p->device_index)) != cudaSuccess ||
-      (err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, p->device_index)) != cudaSuccess)
-    FAIL(MOEFFI_DEVICE, "cannot query cuda:%d: %s", p->device_index, cudaGetErrorString(err));
-  if (major < 8) FAIL(MOEFFI_UNSUPPORTED, "needs sm_80+, device is sm_%d%d", major, minor);
+  const int32_t device = moeffi_check_cuda_device(p, "nvfp4", 8, 99, "sm_80+", msg, cap);
+  if (device != MOEFFI_OK) return device;
   if (p->op >= MOEFFI_OP_COUNT) FAIL(MOEFFI_UNSUPPORTED, "unknown op %u", p->op);
   if (!is_nvfp4(p->op)) FAIL(MOEFFI_UNSUPPORTED, "the nvfp4 backend implements nvfp4_experts_quant and nvfp4_silu_quant only");
   return MOEFFI_OK;
