@@ -35,6 +35,11 @@ export const BUILTIN_DIR = import.meta.url.startsWith("file:")
   : PREBUILT_LIB_DIR ?? "";
 
 const MESSAGE_BYTES = 1024;
+
+/** A rough count of multiply-adds (or elements) of a problem, to tell long CPU runs from short ones. */
+const cpuWork = (p: Problem) => p.m * Math.max(p.topk, 1) * Math.max(p.k, 1) * Math.max(p.n, p.experts, 1);
+/** Above this many (about a millisecond of CPU work), a CPU run leaves the event loop. */
+const NONBLOCKING_WORK = 1 << 20;
 type PluginLibrary = NativeLibrary<typeof PLUGIN_SYMBOLS>;
 
 /** One loaded backend library. */
@@ -89,11 +94,15 @@ export class Backend {
     if (handle !== 0n) this.lib.symbols.moeffi_release(handle);
   }
 
-  /** Runs the op. CPU backends run on a Deno worker thread (Bun blocks: it has no nonblocking FFI). */
+  /**
+   * Runs the op. Long CPU runs go to a Deno worker thread so the event loop stays free (Bun has no
+   * nonblocking FFI and blocks); small ones, and CUDA backends (which only enqueue), run in place,
+   * since the thread hop alone costs about 100 us in Deno.
+   */
   async run(problem: Problem, handle: bigint, tensors: Partial<TensorAddresses>, keepAlive: unknown[]): Promise<void> {
     const message = new Uint8Array(MESSAGE_BYTES);
     const args = [encodeProblem(problem), handle, encodeTensors(tensors), message, message.length] as const;
-    const status = this.manifest.device === "cpu"
+    const status = this.manifest.device === "cpu" && cpuWork(problem) > NONBLOCKING_WORK
       ? await this.lib.symbols.moeffi_run_async(...args)
       : this.lib.symbols.moeffi_run(...args);
     keepAlive.length = 0; // the buffers behind the addresses had to live until here
