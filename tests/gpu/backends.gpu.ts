@@ -89,25 +89,30 @@ function moeCases(r: Rng, n: number): MoeCase[] {
   return cases;
 }
 
+/**
+ * A layer for case `c` on ctx's device with its weights uploaded and prepared. The uploaded weights
+ * are freed at once (prepare copies them); static activation scales stay with the layer.
+ */
+function layerOn(ctx: Context, backend: string, c: MoeCase): MoeLayer {
+  const { a1Scale, a2Scale, ...weights } = moeTensors(c).weights;
+  const up = Object.fromEntries(Object.entries(weights).map(([k, v]) => [k, ctx.upload(v)])) as unknown as typeof weights;
+  const statics = a1Scale ? { a1Scale: ctx.upload(a1Scale), a2Scale: ctx.upload(a2Scale!) } : {};
+  const { k: hidden, n: intermediate, experts, topk, weightScale, actScale } = c;
+  const layer = new MoeLayer({ hidden, intermediate, experts, topk, weightScale, actScale, context: ctx, backend }).load({
+    ...up,
+    ...statics,
+  });
+  for (const v of Object.values(up)) (v as Partial<Disposable>)[Symbol.dispose]?.();
+  return layer;
+}
+
+/** One forward of case `c` on ctx's device (output poisoned first), downloaded to the host. */
 async function moeOn(ctx: Context, backend: string, c: MoeCase, poison: boolean) {
   const t = moeTensors(c);
-  const up = <T extends Parameters<Context["upload"]>[0]>(x: T) => ctx.upload(x);
-  const w = Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, up(v)])) as unknown as typeof t.weights;
-  using layer = new MoeLayer({
-    hidden: c.k,
-    intermediate: c.n,
-    experts: c.experts,
-    topk: c.topk,
-    weightScale: c.weightScale,
-    actScale: c.actScale,
-    context: ctx,
-    backend,
-  }).load(w);
+  using layer = layerOn(ctx, backend, c);
   const out = poison ? ctx.upload(poisonedBf16([c.m, c.k])) : undefined;
-  const y = await layer.forward(up(t.x), up(t.topkIds), up(t.topkWeights), { out: out as never });
-  const host = "download" in y ? await (y as DeviceTensor<"bf16">).download() : y;
-  for (const v of Object.values(w)) (v as Partial<Disposable>)[Symbol.dispose]?.();
-  return host;
+  const y = await layer.forward(ctx.upload(t.x), ctx.upload(t.topkIds), ctx.upload(t.topkWeights), { out: out as never });
+  return "download" in y ? await (y as DeviceTensor<"bf16">).download() : y;
 }
 
 for (const backend of BACKENDS) {
@@ -160,17 +165,7 @@ for (const backend of BACKENDS) {
     asEmpty.topkIds[7] = -1; // what the bad slot must have contributed: nothing
     const want = await moeOn(cpu, "reference", asEmpty, true);
     const t = moeTensors(bad);
-    using layer = new MoeLayer({
-      hidden: c.k,
-      intermediate: c.n,
-      experts: c.experts,
-      topk: c.topk,
-      weightScale: c.weightScale,
-      actScale: c.actScale,
-      context: gpu,
-      backend,
-    })
-      .load(Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, gpu.upload(v)])) as never);
+    using layer = layerOn(gpu, backend, c);
     const y = await layer.forward(gpu.upload(t.x), gpu.upload(t.topkIds), gpu.upload(t.topkWeights));
     await assert.rejects(gpu.synchronize(), /topk id outside/);
     assert.equal(compare((await (y as DeviceTensor<"bf16">).download()).data, want, c.k), undefined);
@@ -329,17 +324,7 @@ test("libraries with a static and a shared CUDA runtime share the core's pointer
     "cudafix",
   );
   const t = moeTensors(c);
-  using layer = new MoeLayer({
-    hidden: c.k,
-    intermediate: c.n,
-    experts: c.experts,
-    topk: c.topk,
-    weightScale: c.weightScale,
-    actScale: c.actScale,
-    context: ctx,
-    backend: "fallback",
-  })
-    .load(Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, ctx.upload(v)])) as never);
+  using layer = layerOn(ctx, "fallback", c);
   const y = await layer.forward(ctx.upload(t.x), routed.ids, routed.weights);
   const ids = await (routed.ids as DeviceTensor<"i32">).download(),
     weights = await (routed.weights as DeviceTensor<"f32">).download();
@@ -364,17 +349,7 @@ for (const backend of BACKENDS) {
     });
     if (!inScope(backend, c)) return;
     const t = moeTensors(c);
-    using layer = new MoeLayer({
-      hidden: c.k,
-      intermediate: c.n,
-      experts: c.experts,
-      topk: c.topk,
-      weightScale: c.weightScale,
-      actScale: c.actScale,
-      context: gpu,
-      backend,
-    })
-      .load(Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, gpu.upload(v)])) as never);
+    using layer = layerOn(gpu, backend, c);
     const x = gpu.cuda!.upload(t.x),
       ids = gpu.cuda!.upload(t.topkIds),
       w = gpu.cuda!.upload(t.topkWeights),
