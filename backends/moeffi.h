@@ -224,6 +224,35 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
     return (int32_t)len[which];                                                                     \
   }
 
+/* Every weight / activation scheme, for manifests that take them all. */
+#define MOEFFI_ALL_WEIGHT_SCALES ((1u << MOEFFI_W_PER_TENSOR) | (1u << MOEFFI_W_PER_CHANNEL) | (1u << MOEFFI_W_BLOCK_128))
+#define MOEFFI_ALL_ACT_SCALES                                                                       \
+  ((1u << MOEFFI_A_STATIC_TENSOR) | (1u << MOEFFI_A_DYNAMIC_TENSOR) | (1u << MOEFFI_A_DYNAMIC_TOKEN) | \
+   (1u << MOEFFI_A_DYNAMIC_GROUP_128))
+
+/* Fills *out for moeffi_describe(): checks the caller's size, clears the struct and sets the version
+ * fields, so a plugin states only what it is. Strings longer than their field are truncated. */
+#include <string.h>
+static inline int32_t moeffi_fill_manifest(moeffi_manifest *out, const char *name, const char *version,
+                                           const char *archs, uint32_t device, uint32_t ops,
+                                           uint32_t weight_scales, uint32_t act_scales,
+                                           uint32_t batch_invariant_ops, int32_t priority) {
+  if (!out || out->size < sizeof(moeffi_manifest)) return MOEFFI_INVALID;
+  memset(out, 0, sizeof *out);
+  out->size = sizeof *out;
+  out->abi_version = MOEFFI_ABI_VERSION;
+  strncpy(out->name, name, sizeof out->name - 1);
+  strncpy(out->version, version, sizeof out->version - 1);
+  strncpy(out->archs, archs, sizeof out->archs - 1);
+  out->device = device;
+  out->ops = ops;
+  out->weight_scales = weight_scales;
+  out->act_scales = act_scales;
+  out->batch_invariant_ops = batch_invariant_ops;
+  out->priority = priority;
+  return MOEFFI_OK;
+}
+
 /* Writes a formatted, truncated, NUL-terminated message into (buf, capacity); tolerates NULL. */
 #include <stdarg.h>
 #include <stdio.h>

@@ -60,3 +60,17 @@ inline int32_t moeffi_check_cuda_device(const moeffi_problem *p, const char *bac
   }
   return MOEFFI_OK;
 }
+
+// The yes of a CUDA backend's supported(): `priority`, with "<what> on <device name> (sm_XY)" as the
+// reason; -1 when the device cannot be queried.
+inline int32_t moeffi_cuda_yes(const moeffi_problem *p, int32_t priority, const char *what, char *reason,
+                               uint32_t cap) {
+  cudaDeviceProp prop;
+  const cudaError_t err = cudaGetDeviceProperties(&prop, p->device_index);
+  if (err != cudaSuccess) {
+    moeffi_say(reason, cap, "cannot query cuda:%d: %s", p->device_index, cudaGetErrorString(err));
+    return -1;
+  }
+  moeffi_say(reason, cap, "%s on %s (sm_%d%d)", what, prop.name, prop.major, prop.minor);
+  return priority;
+}

@@ -489,34 +489,17 @@ int32_t run_nvfp4(const moeffi_problem *p, const moeffi_tensors *t, char *base, 
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  if (!out || out->size < sizeof(moeffi_manifest)) return MOEFFI_INVALID;
-  memset(out, 0, sizeof *out);
-  out->size = sizeof *out;
-  out->abi_version = MOEFFI_ABI_VERSION;
-  strcpy(out->name, "fallback");
-  strcpy(out->version, "0.1.0");
-  strcpy(out->archs, "sm_80+");
-  out->device = MOEFFI_DEVICE_CUDA;
-  out->ops = (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM) | (1u << MOEFFI_OP_TOPK_SOFTMAX) |
-             (1u << MOEFFI_OP_NVFP4_EXPERTS_QUANT); // not nvfp4_silu_quant (backends/nvfp4 has it)
-  out->weight_scales = (1u << MOEFFI_W_PER_TENSOR) | (1u << MOEFFI_W_PER_CHANNEL) | (1u << MOEFFI_W_BLOCK_128);
-  out->act_scales = (1u << MOEFFI_A_STATIC_TENSOR) | (1u << MOEFFI_A_DYNAMIC_TENSOR) | (1u << MOEFFI_A_DYNAMIC_TOKEN) |
-                    (1u << MOEFFI_A_DYNAMIC_GROUP_128);
-  out->batch_invariant_ops = out->ops; // except dynamic per-tensor, which supported() refuses
-  out->priority = 10;
-  return MOEFFI_OK;
+  // every op but nvfp4_silu_quant (backends/nvfp4 has it)
+  const uint32_t ops = (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM) | (1u << MOEFFI_OP_TOPK_SOFTMAX) |
+                       (1u << MOEFFI_OP_NVFP4_EXPERTS_QUANT);
+  // batch invariant for every op, except dynamic per-tensor scales, which supported() refuses
+  return moeffi_fill_manifest(out, "fallback", "0.1.0", "sm_80+", MOEFFI_DEVICE_CUDA, ops, MOEFFI_ALL_WEIGHT_SCALES,
+                              MOEFFI_ALL_ACT_SCALES, ops, 10);
 }
 
 MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason, uint32_t capacity) {
   if (check_problem(problem, reason, capacity) != MOEFFI_OK) return -1;
-  cudaDeviceProp prop;
-  const cudaError_t err = cudaGetDeviceProperties(&prop, problem->device_index);
-  if (err != cudaSuccess) {
-    moeffi_say(reason, capacity, "cannot query cuda:%d: %s", problem->device_index, cudaGetErrorString(err));
-    return -1;
-  }
-  moeffi_say(reason, capacity, "portable CUDA kernels on %s (sm_%d%d)", prop.name, prop.major, prop.minor);
-  return 10;
+  return moeffi_cuda_yes(problem, 10, "portable CUDA kernels", reason, capacity);
 }
 
 MOEFFI_API int32_t moeffi_workspace_size(const moeffi_problem *problem, uint64_t *bytes) {

@@ -464,32 +464,15 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  if (!out || out->size < sizeof(moeffi_manifest)) return MOEFFI_INVALID;
-  memset(out, 0, sizeof *out);
-  out->size = sizeof *out;
-  out->abi_version = MOEFFI_ABI_VERSION;
-  strcpy(out->name, "hopper_fp8");
-  strcpy(out->version, "0.1.0");
-  strcpy(out->archs, "sm_90a");
-  out->device = MOEFFI_DEVICE_CUDA;
-  out->ops = 1u << MOEFFI_OP_FP8_MOE;
-  out->weight_scales = (1u << MOEFFI_W_PER_TENSOR) | (1u << MOEFFI_W_PER_CHANNEL) | (1u << MOEFFI_W_BLOCK_128);
-  out->act_scales = (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128);
-  out->batch_invariant_ops = 0;
-  out->priority = 30;
-  return MOEFFI_OK;
+  return moeffi_fill_manifest(out, "hopper_fp8", "0.1.0", "sm_90a", MOEFFI_DEVICE_CUDA, 1u << MOEFFI_OP_FP8_MOE,
+                              MOEFFI_ALL_WEIGHT_SCALES,
+                              (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
+                              0 /* tile work depends on M */, 30);
 }
 
 MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason, uint32_t capacity) {
   if (check_problem(problem, reason, capacity) != MOEFFI_OK) return -1;
-  cudaDeviceProp prop;
-  const cudaError_t err = cudaGetDeviceProperties(&prop, problem->device_index);
-  if (err != cudaSuccess) {
-    moeffi_say(reason, capacity, "cannot query cuda:%d: %s", problem->device_index, cudaGetErrorString(err));
-    return -1;
-  }
-  moeffi_say(reason, capacity, "WGMMA + TMA grouped GEMMs on %s (sm_%d%d)", prop.name, prop.major, prop.minor);
-  return 30;
+  return moeffi_cuda_yes(problem, 30, "WGMMA + TMA grouped GEMMs", reason, capacity);
 }
 
 MOEFFI_API int32_t moeffi_workspace_size(const moeffi_problem *problem, uint64_t *bytes) {

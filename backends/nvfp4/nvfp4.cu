@@ -651,18 +651,9 @@ int32_t run_variant(const moeffi_problem *p, const moeffi_tensors *t, int varian
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  if (!out || out->size < sizeof(moeffi_manifest)) return MOEFFI_INVALID;
-  memset(out, 0, sizeof *out);
-  out->size = sizeof *out;
-  out->abi_version = MOEFFI_ABI_VERSION;
-  strcpy(out->name, "nvfp4");
-  strcpy(out->version, "0.1.0");
-  strcpy(out->archs, "sm_80+");
-  out->device = MOEFFI_DEVICE_CUDA;
-  out->ops = (1u << MOEFFI_OP_NVFP4_EXPERTS_QUANT) | (1u << MOEFFI_OP_NVFP4_SILU_QUANT);
-  out->batch_invariant_ops = out->ops; // every row depends on its own values and expert only
-  out->priority = 20;
-  return MOEFFI_OK;
+  const uint32_t ops = (1u << MOEFFI_OP_NVFP4_EXPERTS_QUANT) | (1u << MOEFFI_OP_NVFP4_SILU_QUANT);
+  // batch invariant: every row depends on its own values and its expert only
+  return moeffi_fill_manifest(out, "nvfp4", "0.1.0", "sm_80+", MOEFFI_DEVICE_CUDA, ops, 0, 0, ops, 20);
 }
 
 MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason, uint32_t capacity) {

@@ -609,21 +609,10 @@ static int32_t run_nvfp4(const moeffi_problem *p, const moeffi_tensors *t, int s
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  if (!out || out->size < sizeof(moeffi_manifest)) return MOEFFI_INVALID;
-  memset(out, 0, sizeof *out);
-  out->size = sizeof *out;
-  out->abi_version = MOEFFI_ABI_VERSION;
-  strcpy(out->name, "reference");
-  strcpy(out->version, "0.1.0");
-  strcpy(out->archs, "cpu");
-  out->device = MOEFFI_DEVICE_CPU;
-  out->ops = (1u << MOEFFI_OP_COUNT) - 1;
-  out->weight_scales = (1u << MOEFFI_W_PER_TENSOR) | (1u << MOEFFI_W_PER_CHANNEL) | (1u << MOEFFI_W_BLOCK_128);
-  out->act_scales = (1u << MOEFFI_A_STATIC_TENSOR) | (1u << MOEFFI_A_DYNAMIC_TENSOR) | (1u << MOEFFI_A_DYNAMIC_TOKEN) |
-                    (1u << MOEFFI_A_DYNAMIC_GROUP_128);
-  out->batch_invariant_ops = out->ops; /* except dynamic per-tensor, which supported() refuses */
-  out->priority = 0;
-  return MOEFFI_OK;
+  const uint32_t ops = (1u << MOEFFI_OP_COUNT) - 1;
+  /* batch invariant for every op, except dynamic per-tensor scales, which supported() refuses */
+  return moeffi_fill_manifest(out, "reference", "0.1.0", "cpu", MOEFFI_DEVICE_CPU, ops, MOEFFI_ALL_WEIGHT_SCALES,
+                              MOEFFI_ALL_ACT_SCALES, ops, 0);
 }
 
 MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason, uint32_t capacity) {
