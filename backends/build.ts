@@ -1,4 +1,4 @@
-// `deno task build`: compiles every backends/<name>/ folder into build/lib/libmoeffi_<name>.so.
+// `deno task build [name...]`: compiles every (or each named) backends/<name>/ folder into build/lib/libmoeffi_<name>.so.
 // C folders go through cc (with OpenMP when the compiler has it), CUDA folders through nvcc from
 // CUDA_HOME or PATH for the architectures in MOEFFI_CUDA_ARCHS. A library is rebuilt only when a
 // source, the shared headers or the command line changed. Runs under Deno and Bun.
@@ -84,10 +84,11 @@ export async function compileShared(name: string, sources: string[], out: string
   return { name, status: "built" };
 }
 
-/** Builds every backend folder; returns one result per backend. */
-export async function buildAll(): Promise<BuildResult[]> {
+/** Builds every backend folder (or only those named); returns one result per backend. */
+export async function buildAll(only: string[] = []): Promise<BuildResult[]> {
   const dir = join(ROOT, "backends");
-  const names = readdirSync(dir, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name).sort();
+  const names = readdirSync(dir, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name)
+    .filter((name) => only.length === 0 || only.includes(name)).sort();
   return await Promise.all(names.map((name) => {
     const sources = filesUnder(join(dir, name)).filter((f) => /\.(c|cu)$/.test(f)).sort();
     return compileShared(name, sources, join(LIB_DIR, `libmoeffi_${name}.so`));
@@ -97,7 +98,8 @@ export async function buildAll(): Promise<BuildResult[]> {
 if (import.meta.main) {
   const t0 = performance.now();
   try {
-    for (const r of await buildAll()) console.log(`build: ${r.name}: ${r.status}${r.detail ? ` (${r.detail})` : ""}`);
+    const only = (globalThis as { process?: { argv: string[] } }).process?.argv.slice(2) ?? [];
+    for (const r of await buildAll(only)) console.log(`build: ${r.name}: ${r.status}${r.detail ? ` (${r.detail})` : ""}`);
   } catch (e) {
     const err = e as { stderr?: string; message: string };
     console.error(`build failed:\n${err.stderr || err.message}`);
