@@ -1,5 +1,6 @@
 // The GPU benchmark (`deno task bench:gpu`): every CUDA backend on the MoE presets at several M,
-// device time with CUDA events (warm-up, repetitions, median, input sets rotated past the L2),
+// device time with CUDA events around CUDA-graph replays of one forward (warm-up, repetitions,
+// median, input sets rotated past the L2),
 // against the ceilings and the PyTorch peer measured in the same run by bench/peers/torch_moe.py.
 // Writes bench/results/<gpu>.json, .md and .svg.
 //
@@ -28,7 +29,10 @@ const peer: Peer | undefined = process.env.MOEFFI_BENCH_PEER
 
 const ctx = new Context({ device: "cuda:0" });
 const cuda = ctx.cuda!;
-const backends = ctx.registry.backends.filter((b) => b.manifest.device === "cuda" && b.manifest.ops.includes("fp8_moe"));
+const only = process.env.MOEFFI_BENCH_BACKENDS?.split(",");
+const backends = ctx.registry.backends.filter((b) =>
+  b.manifest.device === "cuda" && b.manifest.ops.includes("fp8_moe") && (!only || only.includes(b.name))
+);
 
 let state = 0x12345678;
 const next = () => ((state ^= state << 13), (state ^= state >>> 17), (state ^= state << 5), state >>> 0);
@@ -82,15 +86,19 @@ for (const name of presets) {
           weights: cuda.upload(routed.weights),
         });
       }
+      // Each input set's forward is captured once into a CUDA graph and replayed (as the peer is
+      // timed), so the times are the device's, not the host's enqueue rate at small M.
       const out = cuda.empty("bf16", [m, k]);
+      await layer.forward(sets[0].x, sets[0].ids, sets[0].weights, { out }); // sizes the workspace
+      await cuda.synchronize();
+      const graphs: ({ launch(): void } & Disposable)[] = [];
+      for (const s of sets) graphs.push(await cuda.capture(() => layer.forward(s.x, s.ids, s.weights, { out }).then(() => {})));
       const times: number[] = [];
       for (let i = 0; i < WARMUP + REPS; i++) {
-        const s = sets[i % SETS];
-        const t = await cuda.time(() =>
-          layer.forward(s.x, s.ids, s.weights, { out: out as DeviceTensor<"bf16"> }).then(() => {})
-        );
+        const t = await cuda.time(() => graphs[i % SETS].launch());
         if (i >= WARMUP) times.push(t * 1000);
       }
+      for (const g of graphs) g[Symbol.dispose]();
       const us = median(times), flops = 6 * m * topk * k * n, bytes = touched * 3 * k * n;
       const row: Row = {
         preset: name,

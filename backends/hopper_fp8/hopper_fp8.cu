@@ -32,15 +32,14 @@ namespace {
 constexpr int64_t CHUNK = 4096;      // tokens per pass: bounds the workspace
 constexpr int64_t MAX_DIM = 1 << 20; // n, k
 constexpr uint64_t WS_ALIGN = 256;
-constexpr int BM = 128, BN = 128, BK = 128; // CTA tile; BK = 128 bytes = one 128B swizzle span
+constexpr int BM = 128, BN = 128, BK = 128; // wide CTA tile; BK = 128 bytes = one 128B swizzle span
 constexpr int CONSUMERS = 2;                // consumer warpgroups, 64 rows each
-constexpr int STAGES = 3;
+constexpr int STAGES = 6;                   // 6 x 32 KB ring
 constexpr int GEMM_THREADS = 128 * (CONSUMERS + 1);
 constexpr uint32_t A_STAGE = BM * BK, B_STAGE = BN * BK, STAGE_BYTES = A_STAGE + B_STAGE;
-// each consumer warpgroup's f16 copy of its K block: A (64 rows) and B (128 rows), each as two
-// 64-wide K halves of 128-byte swizzled rows
-constexpr uint32_t WA_HALF = 64 * 128, WB_HALF = BN * 128, WIDE_BYTES = 2 * WA_HALF + 2 * WB_HALF;
-constexpr size_t GEMM_SMEM = (size_t)STAGES * STAGE_BYTES + (size_t)CONSUMERS * WIDE_BYTES + 1024; // + alignment slack
+constexpr size_t GEMM_SMEM = (size_t)STAGES * STAGE_BYTES + 1024; // + alignment slack
+constexpr int SWAP_ROWS = 64, SWAP_THREADS = 160;                 // swapped tile: 64 weight rows, 1 warpgroup + 1 warp
+constexpr int SWAP_MAX_TOK = 64; // swapped tiles while the mean rows per routed expert is at most this
 
 #define FAIL(status, ...)              \
   do {                                 \
@@ -106,47 +105,21 @@ struct GatherRows {
   }
 };
 
-// One block of SCAN_THREADS: tile_start[e] = first BM-row tile of expert e in the GEMM grid,
+// One block of SCAN_THREADS: tile_start[e] = first `rows`-row tile of expert e in the GEMM grid,
 // tile_start[E] = the tile count (offsets come from the routing kernels, so they are valid).
-static __global__ void __launch_bounds__(SCAN_THREADS) tile_scan_kernel(const int *offsets, int E, int *tile_start) {
+static __global__ void __launch_bounds__(SCAN_THREADS) tile_scan_kernel(const int *offsets, int E, int rows, int *tile_start) {
   __shared__ int smem[SCAN_THREADS];
   const int seg = (E + SCAN_THREADS - 1) / SCAN_THREADS;
   const int lo = (int)min((int64_t)E, (int64_t)threadIdx.x * seg), hi = min(E, lo + seg);
   int total = 0;
-  for (int e = lo; e < hi; e++) total += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+  for (int e = lo; e < hi; e++) total += (offsets[e + 1] - offsets[e] + rows - 1) / rows;
   int base = block_exclusive_scan(total, smem);
   for (int e = lo; e < hi; e++) {
     tile_start[e] = base;
-    base += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+    base += (offsets[e + 1] - offsets[e] + rows - 1) / rows;
   }
   if (threadIdx.x == SCAN_THREADS - 1) tile_start[E] = base;
 }
-
-#ifdef MOEFFI_SM90A
-// Widens a TMA-written fp8 tile (rows x 128 bytes, 128B swizzle) into two f16 tiles (K halves
-// 0-63 and 64-127, each rows x 128 bytes, 128B swizzle) at dst and dst + rows * 128. Byte (r, k) of
-// a swizzled tile lives at r*128 + ((k/16 ^ r%8) * 16) + k%16; e4m3 -> f16 is exact.
-template <int ROWS> __device__ __forceinline__ void widen_tile(const uint8_t *src, uint8_t *dst, int t) {
-#pragma unroll 1
-  for (int i = 0; i < ROWS * 8 / 128; i++) {
-    const int idx = t + 128 * i, r = idx / 8, q = idx % 8, sw = r % 8;
-    const uint4 v = *(const uint4 *)(src + r * 128 + ((q ^ sw) * 16));
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-    uint32_t o[8];
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[j] & 0xFFFFu), __NV_E4M3);
-      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[j] >> 16), __NV_E4M3);
-      o[2 * j] = (uint32_t)lo.x | ((uint32_t)lo.y << 16);
-      o[2 * j + 1] = (uint32_t)hi.x | ((uint32_t)hi.y << 16);
-    }
-    uint8_t *half = dst + (q / 4) * ROWS * 128 + r * 128;
-    const int j0 = 2 * (q % 4);
-    *(uint4 *)(half + ((j0 ^ sw) * 16)) = make_uint4(o[0], o[1], o[2], o[3]);
-    *(uint4 *)(half + (((j0 + 1) ^ sw) * 16)) = make_uint4(o[4], o[5], o[6], o[7]);
-  }
-}
-#endif
 
 struct GemmArgs {
   const int *offsets;    // [E+1] rows of each expert in the gathered A / out
@@ -161,13 +134,45 @@ struct GemmArgs {
   float *out;            // fp32 [rows, nout]
 };
 
-// Grid (m-tile slot, n-tile). Slot t is the expert tile found in tile_start (slots past the count
-// exit). Thread 0 issues the TMA loads of A (gathered rows [m0, m0 + 128), K block kb) and B (weight
-// rows e*nout + n0 .. +128) into the ring; warpgroups 1 and 2 each own 64 rows: per K block they
-// widen A and B to f16, run eight wgmma k16 into a fresh partial tile, then
-// acc += partial * (group/block scales of kb) in fp32.
-// Rows past the expert's end (they hold the next expert's rows or TMA zero fill) and columns past
-// nout are computed but never stored.
+#ifdef MOEFFI_SM90A
+// The expert tile of grid slot t (tile_start[lo] <= t < tile_start[lo + 1]): expert, first row, end row.
+__device__ __forceinline__ void find_tile(const GemmArgs &g, int t, int rows, int *info) {
+  int lo = 0, hi = g.experts;
+  while (hi - lo > 1) {
+    const int mid = lo + (hi - lo) / 2;
+    if (g.tile_start[mid] <= t) lo = mid;
+    else hi = mid;
+  }
+  info[0] = lo;
+  info[1] = g.offsets[lo] + (t - g.tile_start[lo]) * rows;
+  info[2] = g.offsets[lo + 1];
+}
+
+// One TMA thread fills a ring of `stages` slots, each `a_bytes` of A at (kb, arow) then B at (kb, brow).
+__device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorMap *bmap, uint8_t *smem, uint64_t *full,
+                                        uint64_t *empty, int stages, uint32_t a_bytes, uint32_t stage_bytes, int nkb,
+                                        int arow, int brow) {
+  using namespace sm90;
+  tma_prefetch(amap);
+  tma_prefetch(bmap);
+  for (int kb = 0; kb < nkb; kb++) {
+    const int s = kb % stages;
+    if (kb >= stages) mbar_wait(&empty[s], ((kb / stages) - 1) & 1);
+    uint8_t *a = smem + (size_t)s * stage_bytes;
+    mbar_arrive_expect_tx(&full[s], stage_bytes);
+    tma_load_2d(a, amap, &full[s], kb * BK, arow);
+    tma_load_2d(a + a_bytes, bmap, &full[s], kb * BK, brow);
+  }
+}
+#endif
+
+// Wide tiles (prefill): grid (m-tile slot, n-tile); a CTA is 128 gathered rows of one expert x 128
+// output columns. Warpgroup 0 produces (one TMA thread, registers handed to the consumers);
+// warpgroups 1 and 2 own 64 rows each: per 128-wide K block four fp8 wgmma k32 into a fresh partial
+// tile, release the stage, then acc += partial * (group/block scales of kb) in fp32 - the partial
+// sum of one block is the tensor core's (about 14-bit exact, NOTES.md), the sum over blocks is fp32.
+// Rows past the expert's end (the next expert's rows or TMA zero fill) and columns past nout are
+// computed but never stored.
 static __global__ void __launch_bounds__(GEMM_THREADS, 1)
     grouped_gemm_sm90(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap, const GemmArgs g) {
 #ifdef MOEFFI_SM90A
@@ -180,15 +185,7 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
   const int tid = threadIdx.x, t = blockIdx.x, n0 = blockIdx.y * BN;
   if (t >= g.tile_start[g.experts]) return; // uniform over the block
   if (tid == 0) {
-    int lo = 0, hi = g.experts; // tile_start[lo] <= t < tile_start[hi]
-    while (hi - lo > 1) {
-      const int mid = lo + (hi - lo) / 2;
-      if (g.tile_start[mid] <= t) lo = mid;
-      else hi = mid;
-    }
-    tile_info[0] = lo;
-    tile_info[1] = g.offsets[lo] + (t - g.tile_start[lo]) * BM;
-    tile_info[2] = g.offsets[lo + 1];
+    find_tile(g, t, BM, tile_info);
     for (int s = 0; s < STAGES; s++) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], CONSUMERS * 4); // one arrival per consumer warp
@@ -200,21 +197,11 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
   const int wg = tid / 128;
 
   if (wg == 0) { // producer
-    if (tid == 0) {
-      tma_prefetch(&amap);
-      tma_prefetch(&bmap);
-      const int brow = e * g.nout + n0;
-      for (int kb = 0; kb < g.nkb; kb++) {
-        const int s = kb % STAGES;
-        if (kb >= STAGES) mbar_wait(&empty[s], ((kb / STAGES) - 1) & 1);
-        uint8_t *a = smem + (size_t)s * STAGE_BYTES, *b = a + A_STAGE;
-        mbar_arrive_expect_tx(&full[s], STAGE_BYTES);
-        tma_load_2d(a, &amap, &full[s], kb * BK, m0);
-        tma_load_2d(b, &bmap, &full[s], kb * BK, brow);
-      }
-    }
+    regs_dec<40>();
+    if (tid == 0) produce(&amap, &bmap, smem, full, empty, STAGES, A_STAGE, STAGE_BYTES, g.nkb, m0, e * g.nout + n0);
     return;
   }
+  regs_inc<232>();
 
   // consumer warpgroup c owns rows m0 + 64c .. +64
   const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32;
@@ -224,7 +211,6 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
   const bool ok0 = r0 < end, ok1 = r1 < end;
   const bool grp = g.a_ng > 1, blk = g.wscheme == MOEFFI_W_BLOCK_128;
   const float *ws = g.ws + (int64_t)e * g.ws_per_expert;
-  uint8_t *wide = smem + (size_t)STAGES * STAGE_BYTES + (size_t)c * WIDE_BYTES;
   float part[64], acc[64];
 #pragma unroll
   for (int i = 0; i < 64; i++) part[i] = 0.0f, acc[i] = 0.0f;
@@ -240,28 +226,20 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
       f0 = mul_rn(sa0, sw), f1 = mul_rn(sa1, sw);
     }
     mbar_wait(&full[s], (kb / STAGES) & 1);
-    if (active) { // widen this warpgroup's A rows and all of B to f16; the previous WGMMAs are done
-      named_barrier(1 + c, 128);
-      const uint8_t *a = smem + (size_t)s * STAGE_BYTES + c * 64 * BK, *b = smem + (size_t)s * STAGE_BYTES + A_STAGE;
-      widen_tile<64>(a, wide, tid % 128);
-      widen_tile<BN>(b, wide + 2 * WA_HALF, tid % 128);
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]); // this warp is done reading stage s
     if (active) {
-      fence_proxy_async();
-      named_barrier(1 + c, 128);
+      const uint8_t *a = smem + (size_t)s * STAGE_BYTES + c * 64 * BK, *b = smem + (size_t)s * STAGE_BYTES + A_STAGE;
+      const uint64_t da = desc_k128_sw128(a), db = desc_k128_sw128(b);
       fence_operands(part);
       wgmma_fence();
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const uint64_t da = desc_k128_sw128(wide + h * WA_HALF), db = desc_k128_sw128(wide + 2 * WA_HALF + h * WB_HALF);
-#pragma unroll
-        for (int k = 0; k < 4; k++) wgmma_m64n128k16_f16(part, da + 2 * k, db + 2 * k, h | k);
-      }
+      for (int k = 0; k < 4; k++) wgmma_m64n128k32_e4m3(part, da + 2 * k, db + 2 * k, k); // 32 bytes = 2 x 16
       wgmma_commit();
       wgmma_wait0();
       fence_operands(part);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]); // the stage refills while this warp promotes
+    if (active) {
       if (grp || blk) {
 #pragma unroll
         for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], mul_rn(part[i], (i / 2) % 2 ? f1 : f0));
@@ -299,6 +277,95 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
       if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
       *(float2 *)(g.out + (int64_t)r1 * g.nout + col) = v;
     }
+  }
+#else
+  __trap(); // built for a target without sm_90a features; supported() refuses such devices
+#endif
+}
+
+// Swapped tiles (decode, a few rows per expert): D^T = W X^T, so the 64 weight rows of a tile fill
+// the WGMMA's M side and TOK gathered rows its N side (m64nTOKk32). Grid (token-tile slot, 64-row
+// weight tile); the slots of one weight tile are adjacent so its repeated reads hit L2. Warps 0-3
+// are the consumer warpgroup, warp 4 the TMA producer; a deep ring of small stages keeps enough
+// weight bytes in flight per SM. Register i of a thread holds weight row 16w + l/4 + 8((i/2)%2) and
+// token 8(i/4) + 2(l%4) + i%2.
+template <int TOK> __host__ __device__ constexpr int swap_stages() { return 98304 / (SWAP_ROWS * BK + TOK * BK); }
+template <int TOK> __host__ __device__ constexpr size_t swap_smem() { return (size_t)swap_stages<TOK>() * (SWAP_ROWS + TOK) * BK + 1024; }
+
+template <int TOK>
+__global__ void __launch_bounds__(SWAP_THREADS, 2)
+    swap_gemm_sm90(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap, const GemmArgs g) {
+#ifdef MOEFFI_SM90A
+  using namespace sm90;
+  constexpr int S = swap_stages<TOK>(), R = TOK / 2;
+  constexpr uint32_t W_BYTES = SWAP_ROWS * BK, SB = (SWAP_ROWS + TOK) * BK;
+  __shared__ __align__(8) uint64_t full[S], empty[S];
+  __shared__ int tile_info[3];
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
+
+  const int tid = threadIdx.x, t = blockIdx.x, n0 = blockIdx.y * SWAP_ROWS;
+  if (t >= g.tile_start[g.experts]) return; // uniform over the block
+  if (tid == 0) {
+    find_tile(g, t, TOK, tile_info);
+    for (int s = 0; s < S; s++) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4); // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int e = tile_info[0], m0 = tile_info[1], end = tile_info[2];
+  if (tid >= 128) { // producer warp: stage = 64 weight rows (A), then TOK token rows (B)
+    if (tid == 128) produce(&bmap, &amap, smem, full, empty, S, W_BYTES, SB, g.nkb, e * g.nout + n0, m0);
+    return;
+  }
+  const int warp = tid / 32, lane = tid % 32;
+  const int w0 = n0 + 16 * warp + lane / 4; // weight rows (output columns) w0 and w0 + 8
+  const bool grp = g.a_ng > 1, blk = g.wscheme == MOEFFI_W_BLOCK_128;
+  const float *ws = g.ws + (int64_t)e * g.ws_per_expert;
+  float part[R], acc[R];
+#pragma unroll
+  for (int i = 0; i < R; i++) part[i] = 0.0f, acc[i] = 0.0f;
+
+  for (int kb = 0; kb < g.nkb; kb++) {
+    const int s = kb % S;
+    float f[TOK / 4]; // scale of tokens 8j + 2(l%4) + {0, 1} at index 2j + {0, 1}
+#pragma unroll
+    for (int j = 0; j < TOK / 4; j++) f[j] = 1.0f;
+    if (grp || blk) {
+      const float sw = blk ? ws[(int64_t)(n0 / QBLK) * g.nkb + kb] : 1.0f;
+#pragma unroll
+      for (int j = 0; j < TOK / 4; j++) {
+        const int r = m0 + 8 * (j / 2) + 2 * (lane % 4) + j % 2;
+        f[j] = grp ? (r < end ? mul_rn(g.as[(int64_t)r * g.a_ng + kb], sw) : 0.0f) : sw;
+      }
+    }
+    mbar_wait(&full[s], (kb / S) & 1);
+    const uint8_t *w = smem + (size_t)s * SB;
+    const uint64_t dw = desc_k128_sw128(w), dx = desc_k128_sw128(w + W_BYTES);
+    fence_operands(part);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<TOK>(part, dw + 2 * k, dx + 2 * k, k);
+    wgmma_commit();
+    wgmma_wait0();
+    fence_operands(part);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+#pragma unroll
+    for (int i = 0; i < R; i++) acc[i] = (grp || blk) ? add_rn(acc[i], mul_rn(part[i], f[2 * (i / 4) + i % 2])) : add_rn(acc[i], part[i]);
+  }
+
+  // epilogue: K-independent scales, then narrow masked stores of out[token, weight row]
+#pragma unroll
+  for (int i = 0; i < R; i++) {
+    const int col = w0 + 8 * ((i / 2) % 2), r = m0 + 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+    if (r >= end || col >= g.nout) continue;
+    float v = acc[i];
+    if (!grp) v = mul_rn(v, g.as[(int64_t)r * g.a_ng]);
+    if (!blk) v = mul_rn(v, g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0]);
+    g.out[(int64_t)r * g.nout + col] = v;
   }
 #else
   __trap(); // built for a target without sm_90a features; supported() refuses such devices
@@ -387,7 +454,8 @@ struct Handle {
   void *mem;
   uint8_t *w13, *w2; // fp8 [E, 2N, K] and [E, K, N]
   float *s13, *s2;
-  CUtensorMap map13, map2; // B operands: [E*2N, K] and [E*K, N], boxes 128 x 128
+  CUtensorMap map13, map2;           // weights [E*2N, K] and [E*K, N] in 128-row boxes (wide tiles)
+  CUtensorMap map13_swap, map2_swap; // the same in 64-row boxes (swapped tiles)
 };
 
 int64_t scale_count(uint32_t wscheme, int64_t rows, int64_t len) {
@@ -407,12 +475,39 @@ int32_t check_handle(const moeffi_problem *p, const Handle *h, char *msg, uint32
 #define NEED(ptr, count, slot) \
   if (!(ptr) && (count) != 0) FAIL(MOEFFI_INVALID, "tensors->%s is NULL", slot)
 
-int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, int pc, cudaStream_t s,
+// Rows per token tile: 0 = wide 128-row tiles; else a swapped tile of 8..64 rows, the power of two
+// covering the mean rows per routed expert (a chunk's routing is on the device; the mean is a bound
+// known on the host: pc pairs over at most min(E, pc) experts).
+int token_tile(int64_t pc, int64_t experts) {
+  const int64_t mean = ceil_div(pc, std::max<int64_t>(1, std::min(experts, pc)));
+  if (mean > SWAP_MAX_TOK) return 0;
+  int tok = 8;
+  while (tok < mean) tok *= 2;
+  return tok;
+}
+
+template <int TOK> void set_swap_smem() {
+  cudaFuncSetAttribute(swap_gemm_sm90<TOK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)swap_smem<TOK>());
+}
+
+template <int TOK> void launch_swap(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, dim3 grid, cudaStream_t s) {
+  swap_gemm_sm90<TOK><<<grid, SWAP_THREADS, swap_smem<TOK>(), s>>>(amap, bmap, g);
+}
+
+// One grouped GEMM: out[rows, nout] = A[rows, K] (gathered fp8) x B[expert rows, K]^T. The grid's
+// first axis covers an upper bound of the expert tiles, sum over experts of ceil(m_e / tile rows).
+int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, int pc, int tok, cudaStream_t s,
                     char *msg, uint32_t cap) {
-  // upper bound of the expert tiles: sum over experts with rows of ceil(m_e / BM)
-  const int64_t slots = ceil_div(pc, BM) + std::min<int64_t>(g.experts, pc);
-  const dim3 grid((unsigned)slots, (unsigned)ceil_div(g.nout, BN));
-  grouped_gemm_sm90<<<grid, GEMM_THREADS, GEMM_SMEM, s>>>(amap, bmap, g);
+  const int rows = tok ? tok : BM;
+  const unsigned slots = (unsigned)(ceil_div(pc, rows) + std::min<int64_t>(g.experts, pc));
+  if (!tok) grouped_gemm_sm90<<<dim3(slots, (unsigned)ceil_div(g.nout, BN)), GEMM_THREADS, GEMM_SMEM, s>>>(amap, bmap, g);
+  else {
+    const dim3 grid(slots, (unsigned)ceil_div(g.nout, SWAP_ROWS));
+    if (tok == 8) launch_swap<8>(amap, bmap, g, grid, s);
+    else if (tok == 16) launch_swap<16>(amap, bmap, g, grid, s);
+    else if (tok == 32) launch_swap<32>(amap, bmap, g, grid, s);
+    else launch_swap<64>(amap, bmap, g, grid, s);
+  }
   MOEFFI_CUDA_LAUNCHED("hopper_fp8 grouped GEMM");
   return MOEFFI_OK;
 }
@@ -434,22 +529,22 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
   int32_t st;
   for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
     const int64_t mc = std::min(CHUNK, M - t0);
-    const int pc = (int)(mc * topk);
+    const int pc = (int)(mc * topk), tok = token_tile(pc, E), rows = tok ? tok : BM;
     CUtensorMap amap1, amap2;
-    if ((st = make_map(&amap1, xq, pc, K, BM, msg, cap)) || (st = make_map(&amap2, hq, pc, N, BM, msg, cap))) return st;
+    if ((st = make_map(&amap1, xq, pc, K, rows, msg, cap)) || (st = make_map(&amap2, hq, pc, N, rows, msg, cap))) return st;
     launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s);
-    tile_scan_kernel<<<1, SCAN_THREADS, 0, s>>>(offsets, E, tiles);
+    tile_scan_kernel<<<1, SCAN_THREADS, 0, s>>>(offsets, E, rows, tiles);
     quantize_rows_kernel<<<(unsigned)pc, QUANT_THREADS, 0, s>>>(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, K,
                                                                  sch, xq, xs);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 routing and quantization");
     const GemmArgs g1 = {offsets, tiles, E, (int)(2 * N), (int)K, nkb1, xs, (int)act_groups(act, K), h->s13,
                          p->weight_scale, scale_count(p->weight_scale, 2 * N, K), acc};
-    if ((st = launch_gemm(amap1, h->map13, g1, pc, s, msg, cap))) return st;
+    if ((st = launch_gemm(amap1, tok ? h->map13_swap : h->map13, g1, pc, tok, s, msg, cap))) return st;
     const SiluRows hrows = {acc, N, offsets + E}; // rows [0, offsets[E]) are routed
     quantize_rows_kernel<<<(unsigned)pc, QUANT_THREADS, 0, s>>>(hrows, N, sch, hq, hs);
     const GemmArgs g2 = {offsets, tiles, E, (int)K, (int)N, nkb2, hs, (int)act_groups(act, N), h->s2,
                          p->weight_scale, scale_count(p->weight_scale, K, N), acc};
-    if ((st = launch_gemm(amap2, h->map2, g2, pc, s, msg, cap))) return st;
+    if ((st = launch_gemm(amap2, tok ? h->map2_swap : h->map2, g2, pc, tok, s, msg, cap))) return st;
     combine_kernel<<<(unsigned)ceil_div(mc * K, 256), 256, 0, s>>>(acc, inv, (const float *)t->topk_weights + t0 * topk,
                                                                   mc, topk, K, (uint16_t *)t->out + t0 * K);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_moe kernels");
@@ -503,6 +598,8 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   const uint64_t o13 = take(&total, b13), os13 = take(&total, bs13), o2 = take(&total, b2), os2 = take(&total, bs2);
   MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
   MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)GEMM_SMEM));
+  set_swap_smem<8>(), set_swap_smem<16>(), set_swap_smem<32>(), set_swap_smem<64>();
+  MOEFFI_CUDA_TRY(cudaGetLastError());
   // CUtensorMap is 64-byte aligned (alignas in cuda.h): calloc's alignment is not enough
   Handle *h = (Handle *)aligned_alloc(alignof(Handle), (sizeof(Handle) + alignof(Handle) - 1) / alignof(Handle) * alignof(Handle));
   if (!h) FAIL(MOEFFI_NO_MEMORY, "cannot allocate the handle");
@@ -528,7 +625,9 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
     FAIL(MOEFFI_DEVICE, "copying the weights: %s", cudaGetErrorString(err));
   }
   if ((st = make_map(&h->map13, h->w13, (uint64_t)(E * 2 * N), K, BN, msg, cap)) ||
-      (st = make_map(&h->map2, h->w2, (uint64_t)(E * K), N, BN, msg, cap))) {
+      (st = make_map(&h->map2, h->w2, (uint64_t)(E * K), N, BN, msg, cap)) ||
+      (st = make_map(&h->map13_swap, h->w13, (uint64_t)(E * 2 * N), K, SWAP_ROWS, msg, cap)) ||
+      (st = make_map(&h->map2_swap, h->w2, (uint64_t)(E * K), N, SWAP_ROWS, msg, cap))) {
     cudaFree(h->mem);
     free(h);
     return st;
