@@ -6,7 +6,7 @@
 //
 //   MOEFFI_BENCH_PEER=peer.json deno run -A bench/gpu.ts      MOEFFI_BENCH_PRESETS=a,b  MOEFFI_BENCH_M=1,16
 import { readFileSync } from "node:fs";
-import { Context, type DeviceTensor, MoeLayer, tensor, toBf16, topkSoftmax } from "../mod.ts";
+import { Context, MoeLayer, tensor, toBf16, topkSoftmax } from "../mod.ts";
 import type { ActScale, WeightScale } from "../ffi/abi.ts";
 import { weightScaleShape } from "../core/validate.ts";
 import { type Peer, type Report, type Row, writeReport } from "./report.ts";
