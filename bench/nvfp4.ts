@@ -2,7 +2,8 @@
 // device-to-device copy bandwidth measured in the same run, at m_topk x K = 65536 x 7168 (E = 256,
 // uneven rows per expert) and 8 x 7168 (E = 8), and against its own variants (moeffi_nvfp4_variant_run):
 // plain (one row per block after a memset and a planning kernel), the shared-memory and the global
-// lookups forced, and a memset of the whole scale buffer first. Also the fused silu op at 65536 x 2048.
+// lookups forced, a memset of the whole scale buffer first, and famax (the other block-amax form:
+// quant from unpacked floats, the kernel before the packed bf16 amax; silu from the packed words). Also the fused silu op at 65536 x 2048.
 // Time = median device time of 50 runs after 5 warm-ups (CUDA events); before each run a 256 MiB memset
 // keeps the stream busy while the host enqueues, so the events time device work only (and it evicts
 // most of the L2). GB/s = (bytes read + bytes written, the whole scale buffer included) / time.
@@ -15,7 +16,7 @@ import { runtime } from "../ffi/runtime.ts";
 import { nvfp4ScaleRows } from "../core/ops.ts";
 
 /** moeffi_nvfp4_variant_run's variants (backends/nvfp4/nvfp4.cu). */
-export const VARIANTS = { auto: 0, plain: 1, smem: 2, global: 3, memset: 4 } as const;
+export const VARIANTS = { auto: 0, plain: 1, smem: 2, global: 3, memset: 4, famax: 5 } as const;
 export type Variant = keyof typeof VARIANTS;
 
 /** Workspace bytes the plain and global variants need (moeffi_run sizes its own). */
@@ -114,7 +115,7 @@ async function main() {
       m: 65536,
       cols: 7168,
       experts: 256,
-      variants: ["auto", "plain", "global", "memset"] as Variant[],
+      variants: ["auto", "plain", "global", "memset", "famax"] as Variant[],
     },
     {
       name: "quant 8x7168 E=8",
@@ -122,7 +123,7 @@ async function main() {
       m: 8,
       cols: 7168,
       experts: 8,
-      variants: ["auto", "plain", "smem", "global", "memset"] as Variant[],
+      variants: ["auto", "plain", "smem", "global", "memset", "famax"] as Variant[],
     },
     {
       name: "silu 65536x2048 E=256",
@@ -130,7 +131,7 @@ async function main() {
       m: 65536,
       cols: 2048,
       experts: 256,
-      variants: ["auto", "plain"] as Variant[],
+      variants: ["auto", "plain", "famax"] as Variant[],
     },
   ];
   for (const c of cases) {
@@ -215,7 +216,7 @@ async function main() {
       targets.big_met ? "met" : "NOT met"
     }); 8 x 7168 in ${small.us} us (<= 5 us: ${targets.small_met ? "met" : "NOT met"}).`,
     "",
-    "Variants: auto = what moeffi_run does (register lookup for E <= 32, shared memory up to 4096, global above); plain = memset + planning kernel + one row per block; smem / global = the grid-stride kernel with that lookup forced; memset = auto after a memset of the whole scale buffer.",
+    "Variants: auto = what moeffi_run does (register lookup for E <= 32, shared memory up to 4096, global above); plain = memset + planning kernel + one row per block; smem / global = the grid-stride kernel with that lookup forced; memset = auto after a memset of the whole scale buffer; famax = auto with the other block-amax form (quant: from unpacked floats, the previous kernel; silu: from the packed bf16 words).",
     "",
     "| case | variant | time (us) | spread | GB/s | of copy |",
     "|---|---|---|---|---|---|",

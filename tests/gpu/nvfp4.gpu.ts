@@ -12,7 +12,7 @@ import { nvfp4SiluQuant } from "../../core/ops.ts";
 import type { TensorAddresses } from "../../ffi/abi.ts";
 import { firstDiff, Rng, seed } from "../helpers.ts";
 import { siluRows } from "../reference64.ts";
-import { openVariants, type Variant, variantWorkspace } from "../../bench/nvfp4.ts";
+import { openVariants, type Variant, VARIANTS, variantWorkspace } from "../../bench/nvfp4.ts";
 
 const SEED = seed();
 const SCALE = Number(process.env.MOEFFI_GPU_PROBLEMS ?? 1);
@@ -288,7 +288,7 @@ test("exact-size buffers (E = 60, 257, 4097): nothing read or written past them 
   }
 });
 
-test("the benchmark's variants (plain, forced lookups, memset first) write the bytes moeffi_run writes", async () => {
+test("the benchmark's variants (plain, forced lookups, memset first, float amax) write the bytes moeffi_run writes", async () => {
   const b = backend();
   const variants = openVariants(b.path);
   const r = new Rng(SEED + 5);
@@ -316,7 +316,7 @@ test("the benchmark's variants (plain, forced lookups, memset first) write the b
         scales: cuda.upload(host.scales),
         ws: cuda.empty("u8", [variantWorkspace(c.experts)]),
       };
-      for (const v of ["auto", "plain", "smem", "global", "memset"] as Variant[]) {
+      for (const v of Object.keys(VARIANTS) as Variant[]) {
         cuda.write(t.packed as DeviceTensor<"u8">, host.packed), cuda.write(t.scales as DeviceTensor<"u8">, host.scales);
         variants.run(p, {
           x: t.x.address(),
