@@ -28,12 +28,21 @@ struct ActScheme {
   }
 };
 
+// Four consecutive bf16 values (loaded as one 8-byte word) as floats.
+__device__ inline void bf16x4_values(const uint2 &b, float (&v)[4]) {
+  v[0] = __uint_as_float(b.x << 16), v[1] = __uint_as_float(b.x & 0xFFFF0000u);
+  v[2] = __uint_as_float(b.y << 16), v[3] = __uint_as_float(b.y & 0xFFFF0000u);
+}
+
 // Rows of bf16 x [rows, len].
 struct Bf16Rows {
   const uint16_t *x;
   int64_t len;
   __device__ bool exists(int64_t) const { return true; }
   __device__ float operator()(int64_t r, int64_t c) const { return bf16_to_f32(x[r * len + c]); }
+  using Raw = uint2;
+  __device__ Raw fetch(int64_t r, int64_t c) const { return *(const uint2 *)(x + r * len + c); }
+  __device__ void values(const Raw &b, float (&v)[4]) const { bf16x4_values(b, v); }
 };
 
 // h = silu(g) * u over the GEMM1 output [rows, 2n] (gate columns, then up); only the first *count
@@ -44,6 +53,15 @@ struct SiluRows {
   const int *count;
   __device__ bool exists(int64_t r) const { return r < *count; }
   __device__ float operator()(int64_t r, int64_t c) const { return silu_mul(gu[r * 2 * n + c], gu[r * 2 * n + n + c]); }
+  struct Raw {
+    float4 g, u;
+  };
+  __device__ Raw fetch(int64_t r, int64_t c) const {
+    return {*(const float4 *)(gu + r * 2 * n + c), *(const float4 *)(gu + r * 2 * n + n + c)};
+  }
+  __device__ void values(const Raw &b, float (&v)[4]) const {
+    v[0] = silu_mul(b.g.x, b.u.x), v[1] = silu_mul(b.g.y, b.u.y), v[2] = silu_mul(b.g.z, b.u.z), v[3] = silu_mul(b.g.w, b.u.w);
+  }
 };
 
 // Max over a QUANT_THREADS block, returned to every thread. Inputs are amax_step results, never
@@ -98,6 +116,82 @@ static __global__ void __launch_bounds__(QUANT_THREADS) amax_rows_kernel(Rows ro
   if (!rows.exists(r)) return;
   const float m = row_amax(rows, r, len);
   if (threadIdx.x == 0) atomicMax(amax, __float_as_uint(m));
+}
+
+// The same quantization with the row held in registers (dynamic per-token and 1x128 groups only):
+// T threads, 4 consecutive elements each, so a 1x128 group is one warp (shuffles only). Every load of
+// the row is issued before any arithmetic (rows provide fetch -> Raw, then values), so a short
+// row costs one memory latency and a long one streams. Needs len % 4 == 0 and len <= J * 4 * T.
+template <int T, int J, class Rows>
+static __global__ void __launch_bounds__(T)
+    quantize_rows_vec_kernel(Rows rows, int64_t len, uint32_t act, uint8_t *q, float *scales) {
+  __shared__ float part[T / 32];
+  const int64_t r = blockIdx.x;
+  if (!rows.exists(r)) return;
+  const int t = threadIdx.x, lane = t % 32;
+  typename Rows::Raw raw[J];
+#pragma unroll
+  for (int j = 0; j < J; j++) {
+    const int64_t c = 4 * ((int64_t)j * T + t);
+    if (c < len) raw[j] = rows.fetch(r, c);
+  }
+  float v[J][4];
+#pragma unroll
+  for (int j = 0; j < J; j++) {
+    if (4 * ((int64_t)j * T + t) < len) rows.values(raw[j], v[j]);
+    else v[j][0] = v[j][1] = v[j][2] = v[j][3] = 0.0f; // zeros never raise an amax
+  }
+  uint8_t *qr = q + r * len;
+  float *sr = scales + r * act_groups(act, len);
+  const bool grp = act == MOEFFI_A_DYNAMIC_GROUP_128;
+  float inv_row = 0.0f;
+  if (!grp) { // one scale for the row: block max
+    float m = 0.0f;
+#pragma unroll
+    for (int j = 0; j < J; j++) m = amax_step(amax_step(amax_step(amax_step(m, v[j][0]), v[j][1]), v[j][2]), v[j][3]);
+    for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    if (lane == 0) part[t / 32] = m;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < T / 32; w++) m = fmaxf(m, part[w]);
+    const float s = dynamic_scale(m);
+    inv_row = div_rn(1.0f, s);
+    if (t == 0) sr[0] = s;
+  }
+#pragma unroll
+  for (int j = 0; j < J; j++) {
+    const int64_t c = 4 * ((int64_t)j * T + t);
+    float inv = inv_row;
+    if (grp) { // this warp's 128 elements are group c / 128
+      float m = amax_step(amax_step(amax_step(amax_step(0.0f, v[j][0]), v[j][1]), v[j][2]), v[j][3]);
+      for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+      const float s = dynamic_scale(m);
+      inv = div_rn(1.0f, s);
+      if (lane == 0 && c < len) sr[c / QBLK] = s;
+    }
+    if (c < len) {
+      uint32_t packed = 0;
+#pragma unroll
+      for (int i = 0; i < 4; i++) packed |= (uint32_t)f32_to_e4m3(scale_value(v[j][i], inv)) << (8 * i);
+      *(uint32_t *)(qr + c) = packed;
+    }
+  }
+}
+
+// Quantizes rows [0, count) (those that exist) under a dynamic per-token or 1x128 scheme with the
+// register kernel when the row fits (len % 4 == 0, len <= 16384: 256 threads up to 4096, else
+// 1024), else with the looping one.
+template <class Rows>
+void launch_quantize_rows(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
+                          cudaStream_t s) {
+  const unsigned grid = (unsigned)count;
+  if (len % 4 || len > 16384) {
+    quantize_rows_kernel<<<grid, QUANT_THREADS, 0, s>>>(rows, len, ActScheme{act, nullptr, nullptr}, q, scales);
+  } else if (len <= 1024) quantize_rows_vec_kernel<256, 1><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
+  else if (len <= 2048) quantize_rows_vec_kernel<256, 2><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
+  else if (len <= 4096) quantize_rows_vec_kernel<256, 4><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
+  else if (len <= 8192) quantize_rows_vec_kernel<1024, 2><<<grid, 1024, 0, s>>>(rows, len, act, q, scales);
+  else quantize_rows_vec_kernel<1024, 4><<<grid, 1024, 0, s>>>(rows, len, act, q, scales);
 }
 
 } // namespace moeffi

@@ -51,23 +51,27 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- problem checks ----
 
+bool is_mm(const moeffi_problem *p) { return p->op == MOEFFI_OP_FP8_SCALED_MM; }
+
 int32_t check_problem(const moeffi_problem *p, char *msg, uint32_t cap) {
   if (!p) FAIL(MOEFFI_INVALID, "problem is NULL");
   if (p->size < sizeof(moeffi_problem)) FAIL(MOEFFI_INVALID, "problem struct too small");
-  if (p->op != MOEFFI_OP_FP8_MOE) FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 implements fp8_moe only (op %u)", p->op);
+  if (p->op != MOEFFI_OP_FP8_MOE && p->op != MOEFFI_OP_FP8_SCALED_MM)
+    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 implements fp8_moe and fp8_scaled_mm only (op %u)", p->op);
   const int32_t device = moeffi_check_cuda_device(p, "hopper_fp8", 9, 9, "sm_90a (H100/H200)", msg, cap);
   if (device != MOEFFI_OK) return device;
   if (p->weight_scale > MOEFFI_W_BLOCK_128) FAIL(MOEFFI_UNSUPPORTED, "unknown weight scale %u", p->weight_scale);
   if (p->act_scale > MOEFFI_A_DYNAMIC_GROUP_128) FAIL(MOEFFI_UNSUPPORTED, "unknown activation scale %u", p->act_scale);
   if (p->act_scale == MOEFFI_A_DYNAMIC_TENSOR || p->act_scale == MOEFFI_A_STATIC_TENSOR)
-    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 v1 takes dynamic per-token or 1x128-group activations, not %s per-tensor",
+    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 takes dynamic per-token or 1x128-group activations, not %s per-tensor",
          p->act_scale == MOEFFI_A_STATIC_TENSOR ? "static" : "dynamic");
   if (p->flags & MOEFFI_FLAG_BATCH_INVARIANT)
-    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 v1 is not batch invariant (its tile work depends on M)");
+    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 is not batch invariant (its tile shape depends on M)");
   if (p->n <= 0 || p->k <= 0 || p->n % 16 || p->k % 16)
     FAIL(MOEFFI_UNSUPPORTED, "n and k must be positive multiples of 16 (TMA row strides)");
   if (p->n > MAX_DIM || p->k > MAX_DIM)
     FAIL(MOEFFI_UNSUPPORTED, "n and k must be at most %lld on this backend", (long long)MAX_DIM);
+  if (is_mm(p)) return MOEFFI_OK;
   if (p->experts > 0 && p->experts * std::max(2 * p->n, p->k) > INT32_MAX)
     FAIL(MOEFFI_UNSUPPORTED, "experts x max(2n, k) exceeds the int32 TMA row coordinate");
   if (p->topk > INT32_MAX / CHUNK) FAIL(MOEFFI_UNSUPPORTED, "topk = %lld is too large for this backend", (long long)p->topk);
@@ -76,11 +80,11 @@ int32_t check_problem(const moeffi_problem *p, char *msg, uint32_t cap) {
 
 // The core validates shapes; these checks only keep index arithmetic in range.
 int32_t check_dims(const moeffi_problem *p, char *msg, uint32_t cap) {
-  const int64_t d[] = {p->m, p->n, p->k, p->experts, p->topk};
+  const int64_t d[] = {p->m, p->n, p->k, is_mm(p) ? 1 : p->experts, is_mm(p) ? 1 : p->topk};
   const char *names[] = {"m", "n", "k", "experts", "topk"};
   for (int i = 0; i < 5; i++)
     if (d[i] < 0 || d[i] > INT32_MAX) FAIL(MOEFFI_INVALID, "%s = %lld is out of range", names[i], (long long)d[i]);
-  if (p->n == 0 || p->k == 0 || p->experts == 0 || p->topk == 0) FAIL(MOEFFI_INVALID, "a dimension of fp8_moe is zero");
+  if (d[1] == 0 || d[2] == 0 || d[3] == 0 || d[4] == 0) FAIL(MOEFFI_INVALID, "a dimension of the problem is zero");
   return MOEFFI_OK;
 }
 
@@ -103,6 +107,9 @@ struct GatherRows {
   __device__ float operator()(int64_t r, int64_t c) const {
     return bf16_to_f32(x[(int64_t)(perm[r] / topk) * len + c]);
   }
+  using Raw = uint2;
+  __device__ Raw fetch(int64_t r, int64_t c) const { return *(const uint2 *)(x + (int64_t)(perm[r] / topk) * len + c); }
+  __device__ void values(const Raw &b, float (&v)[4]) const { bf16x4_values(b, v); }
 };
 
 // One block of SCAN_THREADS: tile_start[e] = first `rows`-row tile of expert e in the GEMM grid,
@@ -131,8 +138,26 @@ struct GemmArgs {
   const float *ws;       // weight scales [E, ...] per wscheme
   uint32_t wscheme;
   int64_t ws_per_expert;
-  float *out;            // fp32 [rows, nout]
+  float *out;            // fp32 [rows, nout], or NULL and:
+  uint16_t *out_bf16;    // bf16 [rows, nout] of out + bias (fp8_scaled_mm)
+  const uint16_t *bias;  // bf16 [nout] or NULL
 };
+
+// Stores columns col, col + 1 of a row (col even; nout is even).
+__device__ __forceinline__ void store_pair(const GemmArgs &g, int64_t row, int col, float v0, float v1) {
+  const int64_t o = row * g.nout + col;
+  if (g.out) {
+    *(float2 *)(g.out + o) = make_float2(v0, v1);
+    return;
+  }
+  if (g.bias) v0 = add_rn(v0, bf16_to_f32(g.bias[col])), v1 = add_rn(v1, bf16_to_f32(g.bias[col + 1]));
+  *(uint32_t *)(g.out_bf16 + o) = (uint32_t)f32_to_bf16(v0) | ((uint32_t)f32_to_bf16(v1) << 16);
+}
+__device__ __forceinline__ void store_one(const GemmArgs &g, int64_t row, int col, float v) {
+  const int64_t o = row * g.nout + col;
+  if (g.out) g.out[o] = v;
+  else g.out_bf16[o] = f32_to_bf16(g.bias ? add_rn(v, bf16_to_f32(g.bias[col])) : v);
+}
 
 #ifdef MOEFFI_SM90A
 // The expert tile of grid slot t (tile_start[lo] <= t < tile_start[lo + 1]): expert, first row, end row.
@@ -166,26 +191,25 @@ __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorM
 }
 #endif
 
-// Wide tiles (prefill): grid (m-tile slot, n-tile); a CTA is 128 gathered rows of one expert x 128
-// output columns. Warpgroup 0 produces (one TMA thread, registers handed to the consumers);
-// warpgroups 1 and 2 own 64 rows each: per 128-wide K block four fp8 wgmma k32 into a fresh partial
-// tile, release the stage, then acc += partial * (group/block scales of kb) in fp32 - the partial
-// sum of one block is the tensor core's (about 14-bit exact, NOTES.md), the sum over blocks is fp32.
-// Rows past the expert's end (the next expert's rows or TMA zero fill) and columns past nout are
-// computed but never stored.
+// Wide tiles (prefill), persistent: each CTA walks tiles blockIdx.x, + gridDim.x, ... of the
+// tile_start[E] x ceil(nout / 128) grid, m-tile fastest (the 128-row weight tile stays in L2 while
+// every expert tile reads it). A tile is 128 gathered rows of one expert x 128 output columns.
+// Warpgroup 0 produces (one TMA thread, registers handed to the consumers) and runs ahead into the
+// next tile while the consumers store; warpgroups 1 and 2 own 64 rows each: per 128-wide K block
+// four fp8 wgmma k32 into a fresh partial tile, release the stage, then acc += partial *
+// (group/block scales of kb) in fp32 - the partial sum of one block is the tensor core's (about
+// 14-bit exact, NOTES.md), the sum over blocks is fp32. Rows past the expert's end (the next
+// expert's rows or TMA zero fill) and columns past nout are computed but never stored.
 static __global__ void __launch_bounds__(GEMM_THREADS, 1)
     grouped_gemm_sm90(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap, const GemmArgs g) {
 #ifdef MOEFFI_SM90A
   using namespace sm90;
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
-  __shared__ int tile_info[3];
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
 
-  const int tid = threadIdx.x, t = blockIdx.x, n0 = blockIdx.y * BN;
-  if (t >= g.tile_start[g.experts]) return; // uniform over the block
+  const int tid = threadIdx.x, mt = g.tile_start[g.experts], nt = (g.nout + BN - 1) / BN;
   if (tid == 0) {
-    find_tile(g, t, BM, tile_info);
     for (int s = 0; s < STAGES; s++) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], CONSUMERS * 4); // one arrival per consumer warp
@@ -193,89 +217,108 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
     mbar_init_fence();
   }
   __syncthreads();
-  const int e = tile_info[0], m0 = tile_info[1], end = tile_info[2];
   const int wg = tid / 128;
+  int info[3];
 
-  if (wg == 0) { // producer
+  if (wg == 0) { // producer: the ring position runs on across tiles
     regs_dec<40>();
-    if (tid == 0) produce(&amap, &bmap, smem, full, empty, STAGES, A_STAGE, STAGE_BYTES, g.nkb, m0, e * g.nout + n0);
+    if (tid != 0) return;
+    tma_prefetch(&amap);
+    tma_prefetch(&bmap);
+    int it = 0;
+    for (int tile = blockIdx.x; tile < mt * nt; tile += gridDim.x) {
+      find_tile(g, tile % mt, BM, info);
+      const int brow = info[0] * g.nout + (tile / mt) * BN;
+      for (int kb = 0; kb < g.nkb; kb++, it++) {
+        const int s = it % STAGES;
+        if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+        uint8_t *a = smem + (size_t)s * STAGE_BYTES;
+        mbar_arrive_expect_tx(&full[s], STAGE_BYTES);
+        tma_load_2d(a, &amap, &full[s], kb * BK, info[1]);
+        tma_load_2d(a + A_STAGE, &bmap, &full[s], kb * BK, brow);
+      }
+    }
     return;
   }
   regs_inc<232>();
 
-  // consumer warpgroup c owns rows m0 + 64c .. +64
   const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32;
-  const int rbase = m0 + 64 * c;
-  const bool active = rbase < end; // uniform over the warpgroup
-  const int r0 = rbase + 16 * warp + lane / 4, r1 = r0 + 8;
-  const bool ok0 = r0 < end, ok1 = r1 < end;
   const bool grp = g.a_ng > 1, blk = g.wscheme == MOEFFI_W_BLOCK_128;
-  const float *ws = g.ws + (int64_t)e * g.ws_per_expert;
-  float part[64], acc[64];
+  int it = 0;
+  for (int tile = blockIdx.x; tile < mt * nt; tile += gridDim.x) {
+    find_tile(g, tile % mt, BM, info);
+    const int e = info[0], end = info[2], n0 = (tile / mt) * BN;
+    const int rbase = info[1] + 64 * c; // consumer warpgroup c owns rows rbase .. +64
+    const bool active = rbase < end;    // uniform over the warpgroup
+    const int r0 = rbase + 16 * warp + lane / 4, r1 = r0 + 8;
+    const bool ok0 = r0 < end, ok1 = r1 < end;
+    const float *ws = g.ws + (int64_t)e * g.ws_per_expert;
+    float part[64], acc[64];
 #pragma unroll
-  for (int i = 0; i < 64; i++) part[i] = 0.0f, acc[i] = 0.0f;
+    for (int i = 0; i < 64; i++) part[i] = 0.0f, acc[i] = 0.0f;
 
-  for (int kb = 0; kb < g.nkb; kb++) {
-    const int s = kb % STAGES;
-    // scales of this K block, read before the WGMMA window
-    float f0 = 1.0f, f1 = 1.0f;
-    if (active && (grp || blk)) {
-      const float sw = blk ? ws[(int64_t)(n0 / QBLK) * g.nkb + kb] : 1.0f;
-      const float sa0 = grp ? (ok0 ? g.as[(int64_t)r0 * g.a_ng + kb] : 0.0f) : 1.0f;
-      const float sa1 = grp ? (ok1 ? g.as[(int64_t)r1 * g.a_ng + kb] : 0.0f) : 1.0f;
-      f0 = mul_rn(sa0, sw), f1 = mul_rn(sa1, sw);
-    }
-    mbar_wait(&full[s], (kb / STAGES) & 1);
-    if (active) {
-      const uint8_t *a = smem + (size_t)s * STAGE_BYTES + c * 64 * BK, *b = smem + (size_t)s * STAGE_BYTES + A_STAGE;
-      const uint64_t da = desc_k128_sw128(a), db = desc_k128_sw128(b);
-      fence_operands(part);
-      wgmma_fence();
+    for (int kb = 0; kb < g.nkb; kb++, it++) {
+      const int s = it % STAGES;
+      // scales of this K block, read before the WGMMA window
+      float f0 = 1.0f, f1 = 1.0f;
+      if (active && (grp || blk)) {
+        const float sw = blk ? ws[(int64_t)(n0 / QBLK) * g.nkb + kb] : 1.0f;
+        const float sa0 = grp ? (ok0 ? g.as[(int64_t)r0 * g.a_ng + kb] : 0.0f) : 1.0f;
+        const float sa1 = grp ? (ok1 ? g.as[(int64_t)r1 * g.a_ng + kb] : 0.0f) : 1.0f;
+        f0 = mul_rn(sa0, sw), f1 = mul_rn(sa1, sw);
+      }
+      mbar_wait(&full[s], (it / STAGES) & 1);
+      if (active) {
+        const uint8_t *a = smem + (size_t)s * STAGE_BYTES + c * 64 * BK, *b = smem + (size_t)s * STAGE_BYTES + A_STAGE;
+        const uint64_t da = desc_k128_sw128(a), db = desc_k128_sw128(b);
+        fence_operands(part);
+        wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < 4; k++) wgmma_m64n128k32_e4m3(part, da + 2 * k, db + 2 * k, k); // 32 bytes = 2 x 16
-      wgmma_commit();
-      wgmma_wait0();
-      fence_operands(part);
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]); // the stage refills while this warp promotes
-    if (active) {
-      if (grp || blk) {
+        for (int k = 0; k < 4; k++) wgmma_m64n128k32_e4m3(part, da + 2 * k, db + 2 * k, k); // 32 bytes = 2 x 16
+        wgmma_commit();
+        wgmma_wait0();
+        fence_operands(part);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]); // the stage refills while this warp promotes
+      if (active) {
+        if (grp || blk) {
 #pragma unroll
-        for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], mul_rn(part[i], (i / 2) % 2 ? f1 : f0));
-      } else {
+          for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], mul_rn(part[i], (i / 2) % 2 ? f1 : f0));
+        } else {
 #pragma unroll
-        for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], part[i]);
+          for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], part[i]);
+        }
       }
     }
-  }
-  if (!active) return;
+    if (!active) continue;
 
-  // epilogue: per-row and per-column scales that do not depend on K, then masked stores
-  const float ea0 = grp ? 1.0f : (ok0 ? g.as[(int64_t)r0 * g.a_ng] : 0.0f);
-  const float ea1 = grp ? 1.0f : (ok1 ? g.as[(int64_t)r1 * g.a_ng] : 0.0f);
+    // epilogue: per-row and per-column scales that do not depend on K, then masked stores
+    const float ea0 = grp ? 1.0f : (ok0 ? g.as[(int64_t)r0 * g.a_ng] : 0.0f);
+    const float ea1 = grp ? 1.0f : (ok1 ? g.as[(int64_t)r1 * g.a_ng] : 0.0f);
 #pragma unroll
-  for (int j = 0; j < BN / 8; j++) {
-    const int col = n0 + 8 * j + 2 * (lane % 4); // nout is even, so col < nout covers col + 1
-    if (col >= g.nout) continue;
-    float w0 = 1.0f, w1 = 1.0f;
-    if (!blk) {
-      w0 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0];
-      w1 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col + 1] : ws[0];
-    }
-    if (ok0) {
-      float2 v;
-      v.x = grp ? acc[4 * j + 0] : mul_rn(acc[4 * j + 0], ea0);
-      v.y = grp ? acc[4 * j + 1] : mul_rn(acc[4 * j + 1], ea0);
-      if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
-      *(float2 *)(g.out + (int64_t)r0 * g.nout + col) = v;
-    }
-    if (ok1) {
-      float2 v;
-      v.x = grp ? acc[4 * j + 2] : mul_rn(acc[4 * j + 2], ea1);
-      v.y = grp ? acc[4 * j + 3] : mul_rn(acc[4 * j + 3], ea1);
-      if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
-      *(float2 *)(g.out + (int64_t)r1 * g.nout + col) = v;
+    for (int j = 0; j < BN / 8; j++) {
+      const int col = n0 + 8 * j + 2 * (lane % 4); // nout is even, so col < nout covers col + 1
+      if (col >= g.nout) continue;
+      float w0 = 1.0f, w1 = 1.0f;
+      if (!blk) {
+        w0 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0];
+        w1 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col + 1] : ws[0];
+      }
+      if (ok0) {
+        float2 v;
+        v.x = grp ? acc[4 * j + 0] : mul_rn(acc[4 * j + 0], ea0);
+        v.y = grp ? acc[4 * j + 1] : mul_rn(acc[4 * j + 1], ea0);
+        if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
+        store_pair(g, r0, col, v.x, v.y);
+      }
+      if (ok1) {
+        float2 v;
+        v.x = grp ? acc[4 * j + 2] : mul_rn(acc[4 * j + 2], ea1);
+        v.y = grp ? acc[4 * j + 3] : mul_rn(acc[4 * j + 3], ea1);
+        if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
+        store_pair(g, r1, col, v.x, v.y);
+      }
     }
   }
 #else
@@ -365,7 +408,7 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
     float v = acc[i];
     if (!grp) v = mul_rn(v, g.as[(int64_t)r * g.a_ng]);
     if (!blk) v = mul_rn(v, g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0]);
-    g.out[(int64_t)r * g.nout + col] = v;
+    store_one(g, r, col, v);
   }
 #else
   __trap(); // built for a target without sm_90a features; supported() refuses such devices
@@ -430,6 +473,14 @@ Plan plan_workspace(const moeffi_problem *p) {
   uint64_t c = 0;
   const uint64_t mc = (uint64_t)std::min<int64_t>(p->m, CHUNK), n = p->n, k = p->k, e = p->experts, f = 4;
   if (mc == 0) return w;
+  if (is_mm(p)) { // x quantized [Mc, K], its scales, and a one-expert grouping {0, Mc}
+    w.xq = take(&c, mc * k);
+    w.xs = take(&c, mc * act_groups(p->act_scale, k) * f);
+    w.offsets = take(&c, 2 * 4);
+    w.tiles = take(&c, 2 * 4);
+    w.total = c;
+    return w;
+  }
   const uint64_t pc = mc * p->topk;
   w.xq = take(&c, pc * k);
   w.xs = take(&c, pc * act_groups(p->act_scale, k) * f);
@@ -448,9 +499,9 @@ Plan plan_workspace(const moeffi_problem *p) {
 // ---- prepared weights: the canonical fp8 layout in the handle's own memory, plus their B maps ----
 
 struct Handle {
-  uint32_t weight_scale, act_scale;
+  uint32_t op, weight_scale, act_scale;
   int64_t n, k, experts;
-  int device;
+  int device, sms; // device ordinal, its multiprocessor count
   void *mem;
   uint8_t *w13, *w2; // fp8 [E, 2N, K] and [E, K, N]
   float *s13, *s2;
@@ -466,9 +517,10 @@ int64_t scale_count(uint32_t wscheme, int64_t rows, int64_t len) {
 
 int32_t check_handle(const moeffi_problem *p, const Handle *h, char *msg, uint32_t cap) {
   if (!h) FAIL(MOEFFI_INVALID, "handle is NULL: call prepare first");
-  if (p->n != h->n || p->k != h->k || p->experts != h->experts || h->weight_scale != p->weight_scale ||
+  if (p->op != h->op || p->n != h->n || p->k != h->k || h->experts != (is_mm(p) ? 1 : p->experts) ||
+      h->weight_scale != p->weight_scale ||
       h->act_scale != p->act_scale || h->device != p->device_index)
-    FAIL(MOEFFI_INVALID, "problem (n, k, experts, scheme or device) differs from the one the handle was prepared for");
+    FAIL(MOEFFI_INVALID, "problem (op, n, k, experts, scheme or device) differs from the one the handle was prepared for");
   return MOEFFI_OK;
 }
 
@@ -496,11 +548,14 @@ template <int TOK> void launch_swap(const CUtensorMap &amap, const CUtensorMap &
 
 // One grouped GEMM: out[rows, nout] = A[rows, K] (gathered fp8) x B[expert rows, K]^T. The grid's
 // first axis covers an upper bound of the expert tiles, sum over experts of ceil(m_e / tile rows).
-int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, int pc, int tok, cudaStream_t s,
-                    char *msg, uint32_t cap) {
+int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, int pc, int tok, int sms,
+                    cudaStream_t s, char *msg, uint32_t cap) {
   const int rows = tok ? tok : BM;
   const unsigned slots = (unsigned)(ceil_div(pc, rows) + std::min<int64_t>(g.experts, pc));
-  if (!tok) grouped_gemm_sm90<<<dim3(slots, (unsigned)ceil_div(g.nout, BN)), GEMM_THREADS, GEMM_SMEM, s>>>(amap, bmap, g);
+  if (!tok) { // persistent: at most one CTA per SM
+    const unsigned tiles = slots * (unsigned)ceil_div(g.nout, BN);
+    grouped_gemm_sm90<<<std::min(tiles, (unsigned)sms), GEMM_THREADS, GEMM_SMEM, s>>>(amap, bmap, g);
+  }
   else {
     const dim3 grid(slots, (unsigned)ceil_div(g.nout, SWAP_ROWS));
     if (tok == 8) launch_swap<8>(amap, bmap, g, grid, s);
@@ -524,7 +579,6 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
   int *perm = (int *)(base + w.perm), *inv = (int *)(base + w.inv);
   const uint16_t *x = (const uint16_t *)t->x;
   const int32_t *ids = (const int32_t *)t->topk_ids;
-  const ActScheme sch = {act, nullptr, nullptr}; // per-token or 1x128: no tensor scale
   const int nkb1 = (int)ceil_div(K, QBLK), nkb2 = (int)ceil_div(N, QBLK);
   int32_t st;
   for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
@@ -534,20 +588,51 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     if ((st = make_map(&amap1, xq, pc, K, rows, msg, cap)) || (st = make_map(&amap2, hq, pc, N, rows, msg, cap))) return st;
     launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s);
     tile_scan_kernel<<<1, SCAN_THREADS, 0, s>>>(offsets, E, rows, tiles);
-    quantize_rows_kernel<<<(unsigned)pc, QUANT_THREADS, 0, s>>>(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, K,
-                                                                 sch, xq, xs);
+    launch_quantize_rows(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, pc, K, act, xq, xs, s);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 routing and quantization");
     const GemmArgs g1 = {offsets, tiles, E, (int)(2 * N), (int)K, nkb1, xs, (int)act_groups(act, K), h->s13,
-                         p->weight_scale, scale_count(p->weight_scale, 2 * N, K), acc};
-    if ((st = launch_gemm(amap1, tok ? h->map13_swap : h->map13, g1, pc, tok, s, msg, cap))) return st;
+                         p->weight_scale, scale_count(p->weight_scale, 2 * N, K), acc, nullptr, nullptr};
+    if ((st = launch_gemm(amap1, tok ? h->map13_swap : h->map13, g1, pc, tok, h->sms, s, msg, cap))) return st;
     const SiluRows hrows = {acc, N, offsets + E}; // rows [0, offsets[E]) are routed
-    quantize_rows_kernel<<<(unsigned)pc, QUANT_THREADS, 0, s>>>(hrows, N, sch, hq, hs);
+    launch_quantize_rows(hrows, pc, N, act, hq, hs, s);
     const GemmArgs g2 = {offsets, tiles, E, (int)K, (int)N, nkb2, hs, (int)act_groups(act, N), h->s2,
-                         p->weight_scale, scale_count(p->weight_scale, K, N), acc};
-    if ((st = launch_gemm(amap2, tok ? h->map2_swap : h->map2, g2, pc, tok, s, msg, cap))) return st;
+                         p->weight_scale, scale_count(p->weight_scale, K, N), acc, nullptr, nullptr};
+    if ((st = launch_gemm(amap2, tok ? h->map2_swap : h->map2, g2, pc, tok, h->sms, s, msg, cap))) return st;
     combine_kernel<<<(unsigned)ceil_div(mc * K, 256), 256, 0, s>>>(acc, inv, (const float *)t->topk_weights + t0 * topk,
                                                                   mc, topk, K, (uint16_t *)t->out + t0 * K);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_moe kernels");
+  }
+  return MOEFFI_OK;
+}
+
+// The one-expert grouping of an fp8_scaled_mm chunk: offsets {0, rows}, tile_start {0, tiles}.
+static __global__ void mm_grouping_kernel(int *offsets, int *tile_start, int rows, int tile_rows) {
+  offsets[0] = 0, offsets[1] = rows;
+  tile_start[0] = 0, tile_start[1] = (rows + tile_rows - 1) / tile_rows;
+}
+
+// y = quant(x) W^T (+ bias) in bf16: the grouped GEMM with one expert, per chunk of CHUNK rows.
+int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensors *t, char *base, cudaStream_t s,
+                   char *msg, uint32_t cap) {
+  const Plan w = plan_workspace(p);
+  const int64_t M = p->m, N = p->n, K = p->k;
+  const uint32_t act = p->act_scale;
+  uint8_t *xq = (uint8_t *)(base + w.xq);
+  float *xs = (float *)(base + w.xs);
+  int *offsets = (int *)(base + w.offsets), *tiles = (int *)(base + w.tiles);
+  const uint16_t *x = (const uint16_t *)t->x;
+  const uint16_t *bias = (p->flags & MOEFFI_FLAG_HAS_BIAS) ? (const uint16_t *)t->bias : nullptr;
+  int32_t st;
+  for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
+    const int mc = (int)std::min(CHUNK, M - t0), tok = token_tile(mc, 1), rows = tok ? tok : BM;
+    CUtensorMap amap;
+    if ((st = make_map(&amap, xq, mc, K, rows, msg, cap))) return st;
+    mm_grouping_kernel<<<1, 1, 0, s>>>(offsets, tiles, mc, rows);
+    launch_quantize_rows(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s);
+    MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_scaled_mm quantization");
+    const GemmArgs g = {offsets, tiles, 1, (int)N, (int)K, (int)ceil_div(K, QBLK), xs, (int)act_groups(act, K), h->s13,
+                        p->weight_scale, 0, nullptr, (uint16_t *)t->out + t0 * N, bias};
+    if ((st = launch_gemm(amap, tok ? h->map13_swap : h->map13, g, mc, tok, h->sms, s, msg, cap))) return st;
   }
   return MOEFFI_OK;
 }
@@ -559,7 +644,8 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  return moeffi_fill_manifest(out, "hopper_fp8", "0.1.0", "sm_90a", MOEFFI_DEVICE_CUDA, 1u << MOEFFI_OP_FP8_MOE,
+  return moeffi_fill_manifest(out, "hopper_fp8", "0.2.0", "sm_90a", MOEFFI_DEVICE_CUDA,
+                              (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM),
                               MOEFFI_ALL_WEIGHT_SCALES,
                               (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
                               0 /* tile work depends on M */, 30);
@@ -588,12 +674,13 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   int32_t st = check_all(problem, msg, cap);
   if (st) return st;
   if (!weights || weights->size < sizeof(moeffi_weights)) FAIL(MOEFFI_INVALID, "weights struct too small");
-  if (!weights->w13 || !weights->w13_scale || !weights->w2 || !weights->w2_scale)
+  const bool mm = is_mm(problem); // mm: W [N, K] in the w13 slot, no w2
+  if (!weights->w13 || !weights->w13_scale || (!mm && (!weights->w2 || !weights->w2_scale)))
     FAIL(MOEFFI_INVALID, "weights->%s is NULL", !weights->w13 ? "w13" : !weights->w13_scale ? "w13_scale"
                                                 : !weights->w2  ? "w2" : "w2_scale");
-  const int64_t E = problem->experts, N = problem->n, K = problem->k;
-  const uint64_t b13 = E * 2 * N * K, bs13 = E * scale_count(problem->weight_scale, 2 * N, K) * 4;
-  const uint64_t b2 = E * K * N, bs2 = E * scale_count(problem->weight_scale, K, N) * 4;
+  const int64_t E = mm ? 1 : problem->experts, N = problem->n, K = problem->k, rows13 = mm ? N : 2 * N;
+  const uint64_t b13 = E * rows13 * K, bs13 = E * scale_count(problem->weight_scale, rows13, K) * 4;
+  const uint64_t b2 = mm ? 0 : E * K * N, bs2 = mm ? 0 : E * scale_count(problem->weight_scale, K, N) * 4;
   uint64_t total = 0;
   const uint64_t o13 = take(&total, b13), os13 = take(&total, bs13), o2 = take(&total, b2), os2 = take(&total, bs2);
   MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
@@ -604,8 +691,9 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   Handle *h = (Handle *)aligned_alloc(alignof(Handle), (sizeof(Handle) + alignof(Handle) - 1) / alignof(Handle) * alignof(Handle));
   if (!h) FAIL(MOEFFI_NO_MEMORY, "cannot allocate the handle");
   memset((void *)h, 0, sizeof(Handle));
-  h->weight_scale = problem->weight_scale, h->act_scale = problem->act_scale;
+  h->op = problem->op, h->weight_scale = problem->weight_scale, h->act_scale = problem->act_scale;
   h->n = N, h->k = K, h->experts = E, h->device = problem->device_index;
+  if (cudaDeviceGetAttribute(&h->sms, cudaDevAttrMultiProcessorCount, h->device) != cudaSuccess || h->sms < 1) h->sms = 132;
   cudaError_t err = cudaMalloc(&h->mem, total);
   if (err != cudaSuccess) {
     free(h);
@@ -616,18 +704,18 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   h->w13 = (uint8_t *)(mem + o13), h->s13 = (float *)(mem + os13), h->w2 = (uint8_t *)(mem + o2), h->s2 = (float *)(mem + os2);
   err = cudaMemcpy(h->w13, weights->w13, b13, cudaMemcpyDefault);
   if (err == cudaSuccess) err = cudaMemcpy(h->s13, weights->w13_scale, bs13, cudaMemcpyDefault);
-  if (err == cudaSuccess) err = cudaMemcpy(h->w2, weights->w2, b2, cudaMemcpyDefault);
-  if (err == cudaSuccess) err = cudaMemcpy(h->s2, weights->w2_scale, bs2, cudaMemcpyDefault);
+  if (err == cudaSuccess && !mm) err = cudaMemcpy(h->w2, weights->w2, b2, cudaMemcpyDefault);
+  if (err == cudaSuccess && !mm) err = cudaMemcpy(h->s2, weights->w2_scale, bs2, cudaMemcpyDefault);
   if (err == cudaSuccess) err = cudaStreamSynchronize(0);
   if (err != cudaSuccess) {
     cudaFree(h->mem);
     free(h);
     FAIL(MOEFFI_DEVICE, "copying the weights: %s", cudaGetErrorString(err));
   }
-  if ((st = make_map(&h->map13, h->w13, (uint64_t)(E * 2 * N), K, BN, msg, cap)) ||
-      (st = make_map(&h->map2, h->w2, (uint64_t)(E * K), N, BN, msg, cap)) ||
-      (st = make_map(&h->map13_swap, h->w13, (uint64_t)(E * 2 * N), K, SWAP_ROWS, msg, cap)) ||
-      (st = make_map(&h->map2_swap, h->w2, (uint64_t)(E * K), N, SWAP_ROWS, msg, cap))) {
+  if ((st = make_map(&h->map13, h->w13, (uint64_t)(E * rows13), K, BN, msg, cap)) ||
+      (st = make_map(&h->map13_swap, h->w13, (uint64_t)(E * rows13), K, SWAP_ROWS, msg, cap)) ||
+      (!mm && (st = make_map(&h->map2, h->w2, (uint64_t)(E * K), N, BN, msg, cap))) ||
+      (!mm && (st = make_map(&h->map2_swap, h->w2, (uint64_t)(E * K), N, SWAP_ROWS, msg, cap)))) {
     cudaFree(h->mem);
     free(h);
     return st;
@@ -652,11 +740,15 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
   if (!tensors || tensors->size < sizeof(moeffi_tensors)) FAIL(MOEFFI_INVALID, "tensors struct too small");
   const Handle *h = (const Handle *)handle;
   if ((st = check_handle(problem, h, msg, cap))) return st;
-  const uint64_t M = problem->m, K = problem->k, P = M * problem->topk;
+  const bool mm = is_mm(problem);
+  const uint64_t M = problem->m, K = problem->k, N = problem->n, P = mm ? 0 : M * problem->topk;
   NEED(tensors->x, M * K, "x");
-  NEED(tensors->out, M * K, "out");
+  NEED(tensors->out, M * (mm ? N : K), "out");
   NEED(tensors->topk_ids, P, "topk_ids");
   NEED(tensors->topk_weights, P, "topk_weights");
+  NEED(tensors->bias, mm && (problem->flags & MOEFFI_FLAG_HAS_BIAS) ? N : 0, "bias");
+  if ((uintptr_t)tensors->out % 4) FAIL(MOEFFI_INVALID, "tensors->out must be 4-byte aligned");
+  if ((uintptr_t)tensors->x % 8) FAIL(MOEFFI_INVALID, "tensors->x must be 8-byte aligned");
   MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
   (void)cudaGetLastError(); // forget a stale error of an earlier runtime call (this library's own runtime)
   const cudaStream_t s = (cudaStream_t)tensors->stream;
@@ -667,5 +759,6 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
     FAIL(MOEFFI_INVALID, "workspace must be %llu bytes, 16-byte aligned (got %llu)", (unsigned long long)need,
          (unsigned long long)tensors->workspace_bytes);
   if (problem->m == 0) return MOEFFI_OK;
-  return run_fp8_moe(problem, h, tensors, (char *)tensors->workspace, s, msg, cap);
+  return mm ? run_fp8_mm(problem, h, tensors, (char *)tensors->workspace, s, msg, cap)
+            : run_fp8_moe(problem, h, tensors, (char *)tensors->workspace, s, msg, cap);
 }

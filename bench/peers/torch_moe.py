@@ -280,6 +280,28 @@ def bench_preset(name, ms, dev, reps, nsets):
     return rows
 
 
+MM_SHAPES = [(8192, 8192, 8192), (4096, 7168, 16384)] + [(m, 7168, 7168) for m in (1, 16, 64, 128)]
+
+
+def mm_peer(dev, reps):
+    """cuBLAS FP8 GEMM (torch._scaled_mm, row-wise scales, bf16 out) at the fp8_scaled_mm target shapes,
+    timed as CUDA-graph replays. Per-token activation quantization is not included (the op's x is fp8)."""
+    rows = []
+    for M, N, K in MM_SHAPES:
+        a = torch.randn(M, K, device=dev).to(FP8)
+        b = torch.randn(N, K, device=dev).to(FP8)
+        sa, sb = torch.rand(M, 1, device=dev) + 0.5, torch.rand(1, N, device=dev) + 0.5
+        fn = lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16)
+        fn()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        us = time_us([g.replay], reps=reps)[0]
+        rows.append(dict(m=M, n=N, k=K, us=us, tflops=2 * M * N * K / us / 1e6))
+        log(f"mm peer {M}x{N}x{K}: {us:.1f} us")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -300,6 +322,10 @@ def main():
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
     res["ceilings"] = ceilings(dev, 20)
     log("ceilings: " + ", ".join(f"{k} {v:.3g}" if v else f"{k} -" for k, v in res["ceilings"].items()))
+    try:
+        res["mm"] = mm_peer(dev, 20)
+    except Exception as e:  # the MoE peer still runs
+        log(f"mm peer failed: {e}")
     res["peer"] = []
     for p in presets:
         res["peer"] += bench_preset(p, ms, dev, reps, nsets=3)

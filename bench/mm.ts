@@ -1,0 +1,85 @@
+// The fp8_scaled_mm benchmark (`deno run -A bench/mm.ts`): each CUDA backend that claims the op, at
+// the issue's target shapes, timed as CUDA-graph replays of one forward (quantization of x
+// included), against cuBLAS FP8 (torch._scaled_mm, row-wise scales) measured by
+// bench/peers/torch_moe.py in the same run. Writes bench/results/mm-<gpu>.json and .md.
+//
+//   MOEFFI_BENCH_PEER=peer.json deno run -A bench/mm.ts
+import { readFileSync, writeFileSync } from "node:fs";
+import { Context, Fp8Linear, tensor, toBf16 } from "../mod.ts";
+
+type PeerMm = { m: number; n: number; k: number; us: number; tflops: number };
+const peerFile = process.env.MOEFFI_BENCH_PEER;
+const peer: PeerMm[] = peerFile ? JSON.parse(readFileSync(peerFile, "utf8")).mm ?? [] : [];
+const SHAPES = [[8192, 8192, 8192], [4096, 7168, 16384], [1, 7168, 7168], [16, 7168, 7168], [64, 7168, 7168], [
+  128,
+  7168,
+  7168,
+]];
+const REPS = 20, WARMUP = 3;
+
+const ctx = new Context({ device: "cuda:0" });
+const cuda = ctx.cuda!;
+const only = process.env.MOEFFI_BENCH_BACKENDS?.split(",") ?? ["hopper_fp8"];
+const backends = ctx.registry.backends.filter((b) => b.manifest.ops.includes("fp8_scaled_mm") && only.includes(b.name));
+
+let state = 0x2468ace1;
+const next = () => ((state ^= state << 13), (state ^= state >>> 17), (state ^= state << 5), state >>> 0);
+const fp8Codes = (n: number) => Uint8Array.from({ length: n }, () => (next() % 0x6c) | (next() & 0x80)); // |w| <= 240
+const uniform = (n: number, amp: number) => Float32Array.from({ length: n }, () => (next() / 2 ** 32 - 0.5) * amp);
+const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
+
+const rows: Record<string, unknown>[] = [];
+for (const b of backends) {
+  for (const [m, n, k] of SHAPES) {
+    const w = { w: cuda.upload(tensor("fp8_e4m3", [n, k], fp8Codes(n * k))) };
+    const wScale = cuda.upload(tensor("f32", [n], uniform(n, 1 / 256).map((v) => Math.abs(v) + 1e-4)));
+    using lin = new Fp8Linear({
+      inFeatures: k,
+      outFeatures: n,
+      weightScale: "per-channel",
+      actScale: "dynamic-token",
+      context: ctx,
+      backend: b.name,
+    }).load({ ...w, wScale });
+    const x = cuda.upload(tensor("bf16", [m, k], toBf16(uniform(m * k, 2)))), out = cuda.empty("bf16", [m, n]);
+    await lin.forward(x, { out }); // sizes the workspace outside the capture
+    await cuda.synchronize();
+    using graph = await cuda.capture(() => lin.forward(x, { out }).then(() => {}));
+    const times: number[] = [];
+    for (let i = 0; i < WARMUP + REPS; i++) {
+      const t = await cuda.time(() => graph.launch());
+      if (i >= WARMUP) times.push(t * 1000);
+    }
+    const us = median(times), tflops = 2 * m * n * k / us / 1e6, p = peer.find((r) => r.m === m && r.n === n && r.k === k);
+    const row = {
+      backend: b.name,
+      m,
+      n,
+      k,
+      us: +us.toFixed(1),
+      tflops: +tflops.toFixed(1),
+      ...(p ? { cublas_us: +p.us.toFixed(1), cublas_tflops: +p.tflops.toFixed(1), vs_cublas: +(p.us / us).toFixed(3) } : {}),
+    };
+    rows.push(row);
+    console.log(JSON.stringify(row));
+    for (const t of [x, out, wScale, w.w]) t[Symbol.dispose]();
+  }
+}
+
+const slug = cuda.name.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
+const base = new URL(`./results/mm-${slug}`, import.meta.url).pathname;
+writeFileSync(`${base}.json`, JSON.stringify({ date: new Date().toISOString(), gpu: cuda.name, rows }, null, 1));
+const md = [
+  `# fp8_scaled_mm on ${cuda.name} (${new Date().toISOString().slice(0, 10)})`,
+  "",
+  "Per-channel weights, dynamic per-token activations (quantization of x included), bf16 out; CUDA-graph replays, median of " +
+  `${REPS}. cuBLAS = torch._scaled_mm with row-wise scales on fp8 inputs, same run.`,
+  "",
+  "| backend | M | N | K | time (us) | TFLOP/s | cuBLAS (us) | cuBLAS / time |",
+  "|---|---|---|---|---|---|---|---|",
+  ...rows.map((r) =>
+    `| ${r.backend} | ${r.m} | ${r.n} | ${r.k} | ${r.us} | ${r.tflops} | ${r.cublas_us ?? "-"} | ${r.vs_cublas ?? "-"} |`
+  ),
+].join("\n");
+writeFileSync(`${base}.md`, md + "\n");
+console.log(md);
