@@ -45,6 +45,18 @@ struct Bf16Rows {
   __device__ void values(const Raw &b, float (&v)[4]) const { bf16x4_values(b, v); }
 };
 
+// Rows of fp32 x [rows, len]; only the first *count exist.
+struct F32Rows {
+  const float *x;
+  int64_t len;
+  const int *count;
+  __device__ bool exists(int64_t r) const { return r < *count; }
+  __device__ float operator()(int64_t r, int64_t c) const { return x[r * len + c]; }
+  using Raw = float4;
+  __device__ Raw fetch(int64_t r, int64_t c) const { return *(const float4 *)(x + r * len + c); }
+  __device__ void values(const Raw &b, float (&v)[4]) const { v[0] = b.x, v[1] = b.y, v[2] = b.z, v[3] = b.w; }
+};
+
 // h = silu(g) * u over the GEMM1 output [rows, 2n] (gate columns, then up); only the first *count
 // rows were computed. Evaluated on demand, twice for a per-token scale: cheaper than storing h.
 struct SiluRows {
@@ -179,8 +191,9 @@ static __global__ void __launch_bounds__(T)
 }
 
 // Quantizes rows [0, count) (those that exist) under a dynamic per-token or 1x128 scheme with the
-// register kernel when the row fits (len % 4 == 0, len <= 16384: 256 threads up to 4096, else
-// 1024), else with the looping one.
+// register kernel when the row fits (len % 4 == 0, len <= 16384), else with the looping one. Blocks
+// of 256 threads up to 8192 elements (many small blocks overlap one another's load and reduction
+// phases; 1024-thread blocks were 2.5x slower on 7168-wide rows, NOTES.md), 512 above.
 template <class Rows>
 void launch_quantize_rows(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
                           cudaStream_t s) {
@@ -190,8 +203,8 @@ void launch_quantize_rows(const Rows &rows, int64_t count, int64_t len, uint32_t
   } else if (len <= 1024) quantize_rows_vec_kernel<256, 1><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
   else if (len <= 2048) quantize_rows_vec_kernel<256, 2><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
   else if (len <= 4096) quantize_rows_vec_kernel<256, 4><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
-  else if (len <= 8192) quantize_rows_vec_kernel<1024, 2><<<grid, 1024, 0, s>>>(rows, len, act, q, scales);
-  else quantize_rows_vec_kernel<1024, 4><<<grid, 1024, 0, s>>>(rows, len, act, q, scales);
+  else if (len <= 8192) quantize_rows_vec_kernel<256, 8><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
+  else quantize_rows_vec_kernel<512, 8><<<grid, 512, 0, s>>>(rows, len, act, q, scales);
 }
 
 } // namespace moeffi

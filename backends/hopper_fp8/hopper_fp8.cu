@@ -32,12 +32,13 @@ namespace {
 constexpr int64_t CHUNK = 4096;      // tokens per pass: bounds the workspace
 constexpr int64_t MAX_DIM = 1 << 20; // n, k
 constexpr uint64_t WS_ALIGN = 256;
-constexpr int BM = 128, BN = 128, BK = 128; // wide CTA tile; BK = 128 bytes = one 128B swizzle span
-constexpr int CONSUMERS = 2;                // consumer warpgroups, 64 rows each
-constexpr int STAGES = 6;                   // 6 x 32 KB ring
+constexpr int BM = 128, BK = 128; // wide tiles: 128 rows x BN (128 or 192) columns; BK = 128 bytes = one 128B swizzle span
+constexpr int CONSUMERS = 2;       // consumer warpgroups, 64 rows each
 constexpr int GEMM_THREADS = 128 * (CONSUMERS + 1);
-constexpr uint32_t A_STAGE = BM * BK, B_STAGE = BN * BK, STAGE_BYTES = A_STAGE + B_STAGE;
-constexpr size_t GEMM_SMEM = (size_t)STAGES * STAGE_BYTES + 1024; // + alignment slack
+constexpr uint32_t A_STAGE = BM * BK;
+template <int BN> __host__ __device__ constexpr uint32_t wide_stage_bytes() { return A_STAGE + BN * BK; }
+template <int BN> __host__ __device__ constexpr int wide_stages() { return 200 * 1024 / wide_stage_bytes<BN>(); } // 6 or 5
+template <int BN> __host__ __device__ constexpr size_t wide_smem() { return (size_t)wide_stages<BN>() * wide_stage_bytes<BN>() + 1024; }
 constexpr int SWAP_ROWS = 64, SWAP_THREADS = 160;                 // swapped tile: 64 weight rows, 1 warpgroup + 1 warp
 constexpr int SWAP_MAX_TOK = 64; // swapped tiles while the mean rows per routed expert is at most this
 
@@ -141,7 +142,15 @@ struct GemmArgs {
   float *out;            // fp32 [rows, nout], or NULL and:
   uint16_t *out_bf16;    // bf16 [rows, nout] of out + bias (fp8_scaled_mm)
   const uint16_t *bias;  // bf16 [nout] or NULL
+  int interleaved;       // GEMM1 weights hold gate/up rows interleaved by 32 (see interleave_w13)
+  int silu;              // wide tiles only: out = h = silu(gate) * up, fp32 [rows, nout / 2]
 };
+
+// Original GEMM1 column of interleaved weight row c (n = intermediate size): per 64 rows, 32 gate
+// rows then the 32 matching up rows.
+__host__ __device__ __forceinline__ int deinterleave(int c, int n) {
+  return c % 64 < 32 ? (c / 64) * 32 + c % 64 : n + (c / 64) * 32 + c % 64 - 32;
+}
 
 // Stores columns col, col + 1 of a row (col even; nout is even).
 __device__ __forceinline__ void store_pair(const GemmArgs &g, int64_t row, int col, float v0, float v1) {
@@ -200,10 +209,13 @@ __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorM
 // (group/block scales of kb) in fp32 - the partial sum of one block is the tensor core's (about
 // 14-bit exact, NOTES.md), the sum over blocks is fp32. Rows past the expert's end (the next
 // expert's rows or TMA zero fill) and columns past nout are computed but never stored.
-static __global__ void __launch_bounds__(GEMM_THREADS, 1)
+template <int BN>
+__global__ void __launch_bounds__(GEMM_THREADS, 1)
     grouped_gemm_sm90(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap, const GemmArgs g) {
 #ifdef MOEFFI_SM90A
   using namespace sm90;
+  constexpr int STAGES = wide_stages<BN>(), R = BN / 2; // R accumulator registers per thread
+  constexpr uint32_t STAGE_BYTES = wide_stage_bytes<BN>();
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -253,19 +265,23 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
     const int r0 = rbase + 16 * warp + lane / 4, r1 = r0 + 8;
     const bool ok0 = r0 < end, ok1 = r1 < end;
     const float *ws = g.ws + (int64_t)e * g.ws_per_expert;
-    float part[64], acc[64];
+    // weight blocks of block scales: columns before n0 + jb * 8 are in block n0 / 128, the rest in the next
+    const int wb = n0 / QBLK, jb = (QBLK - n0 % QBLK) / 8;
+    const bool wb1 = (int64_t)(wb + 1) * QBLK < g.nout;
+    float part[R], acc[R];
 #pragma unroll
-    for (int i = 0; i < 64; i++) part[i] = 0.0f, acc[i] = 0.0f;
+    for (int i = 0; i < R; i++) part[i] = 0.0f, acc[i] = 0.0f;
 
     for (int kb = 0; kb < g.nkb; kb++, it++) {
       const int s = it % STAGES;
-      // scales of this K block, read before the WGMMA window
-      float f0 = 1.0f, f1 = 1.0f;
+      // scales of this K block (rows r0, r1 x weight blocks wb, wb + 1), read before the WGMMA window
+      float f00 = 1.0f, f01 = 1.0f, f10 = 1.0f, f11 = 1.0f;
       if (active && (grp || blk)) {
-        const float sw = blk ? ws[(int64_t)(n0 / QBLK) * g.nkb + kb] : 1.0f;
+        const float sw0 = blk ? ws[(int64_t)wb * g.nkb + kb] : 1.0f;
+        const float sw1 = blk && wb1 ? ws[(int64_t)(wb + 1) * g.nkb + kb] : sw0;
         const float sa0 = grp ? (ok0 ? g.as[(int64_t)r0 * g.a_ng + kb] : 0.0f) : 1.0f;
         const float sa1 = grp ? (ok1 ? g.as[(int64_t)r1 * g.a_ng + kb] : 0.0f) : 1.0f;
-        f0 = mul_rn(sa0, sw), f1 = mul_rn(sa1, sw);
+        f00 = mul_rn(sa0, sw0), f01 = mul_rn(sa0, sw1), f10 = mul_rn(sa1, sw0), f11 = mul_rn(sa1, sw1);
       }
       mbar_wait(&full[s], (it / STAGES) & 1);
       if (active) {
@@ -274,7 +290,7 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
         fence_operands(part);
         wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < 4; k++) wgmma_m64n128k32_e4m3(part, da + 2 * k, db + 2 * k, k); // 32 bytes = 2 x 16
+        for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<BN>(part, da + 2 * k, db + 2 * k, k); // 32 bytes = 2 x 16
         wgmma_commit();
         wgmma_wait0();
         fence_operands(part);
@@ -282,18 +298,21 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]); // the stage refills while this warp promotes
       if (active) {
-        if (grp || blk) {
+        if (grp || blk) { // one FMA per element: the block's scale product applied in the promotion
 #pragma unroll
-          for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], mul_rn(part[i], (i / 2) % 2 ? f1 : f0));
+          for (int i = 0; i < R; i++) {
+            const bool second = i / 4 >= jb;
+            acc[i] = fmaf(part[i], (i / 2) % 2 ? (second ? f11 : f10) : (second ? f01 : f00), acc[i]);
+          }
         } else {
 #pragma unroll
-          for (int i = 0; i < 64; i++) acc[i] = add_rn(acc[i], part[i]);
+          for (int i = 0; i < R; i++) acc[i] = add_rn(acc[i], part[i]);
         }
       }
     }
     if (!active) continue;
 
-    // epilogue: per-row and per-column scales that do not depend on K, then masked stores
+    // epilogue: the per-row and per-column scales that do not depend on K, in place
     const float ea0 = grp ? 1.0f : (ok0 ? g.as[(int64_t)r0 * g.a_ng] : 0.0f);
     const float ea1 = grp ? 1.0f : (ok1 ? g.as[(int64_t)r1 * g.a_ng] : 0.0f);
 #pragma unroll
@@ -305,20 +324,34 @@ static __global__ void __launch_bounds__(GEMM_THREADS, 1)
         w0 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0];
         w1 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col + 1] : ws[0];
       }
-      if (ok0) {
-        float2 v;
-        v.x = grp ? acc[4 * j + 0] : mul_rn(acc[4 * j + 0], ea0);
-        v.y = grp ? acc[4 * j + 1] : mul_rn(acc[4 * j + 1], ea0);
-        if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
-        store_pair(g, r0, col, v.x, v.y);
+      if (!grp) acc[4 * j] = mul_rn(acc[4 * j], ea0), acc[4 * j + 1] = mul_rn(acc[4 * j + 1], ea0);
+      if (!grp) acc[4 * j + 2] = mul_rn(acc[4 * j + 2], ea1), acc[4 * j + 3] = mul_rn(acc[4 * j + 3], ea1);
+      if (!blk) acc[4 * j] = mul_rn(acc[4 * j], w0), acc[4 * j + 1] = mul_rn(acc[4 * j + 1], w1);
+      if (!blk) acc[4 * j + 2] = mul_rn(acc[4 * j + 2], w0), acc[4 * j + 3] = mul_rn(acc[4 * j + 3], w1);
+    }
+    if (g.silu) { // gate/up interleaved by 32 (prepare): slab j (gate) and j + 4 (up) are this thread's
+      const int hn = g.nout / 2;
+#pragma unroll
+      for (int j = 0; j < BN / 8; j++) {
+        const int col = n0 + 8 * j + 2 * (lane % 4), hcol = (col / 64) * 32 + col % 64;
+        if (j % 8 >= 4 || col >= g.nout) continue;
+        if (ok0) {
+          *(float2 *)(g.out + (int64_t)r0 * hn + hcol) =
+              make_float2(silu_mul(acc[4 * j], acc[4 * j + 16]), silu_mul(acc[4 * j + 1], acc[4 * j + 17]));
+        }
+        if (ok1) {
+          *(float2 *)(g.out + (int64_t)r1 * hn + hcol) =
+              make_float2(silu_mul(acc[4 * j + 2], acc[4 * j + 18]), silu_mul(acc[4 * j + 3], acc[4 * j + 19]));
+        }
       }
-      if (ok1) {
-        float2 v;
-        v.x = grp ? acc[4 * j + 2] : mul_rn(acc[4 * j + 2], ea1);
-        v.y = grp ? acc[4 * j + 3] : mul_rn(acc[4 * j + 3], ea1);
-        if (!blk) v.x = mul_rn(v.x, w0), v.y = mul_rn(v.y, w1);
-        store_pair(g, r1, col, v.x, v.y);
-      }
+      continue;
+    }
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++) {
+      const int col = n0 + 8 * j + 2 * (lane % 4);
+      if (col >= g.nout) continue;
+      if (ok0) store_pair(g, r0, col, acc[4 * j], acc[4 * j + 1]);
+      if (ok1) store_pair(g, r1, col, acc[4 * j + 2], acc[4 * j + 3]);
     }
   }
 #else
@@ -397,7 +430,7 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);
 #pragma unroll
-    for (int i = 0; i < R; i++) acc[i] = (grp || blk) ? add_rn(acc[i], mul_rn(part[i], f[2 * (i / 4) + i % 2])) : add_rn(acc[i], part[i]);
+    for (int i = 0; i < R; i++) acc[i] = (grp || blk) ? fmaf(part[i], f[2 * (i / 4) + i % 2], acc[i]) : add_rn(acc[i], part[i]);
   }
 
   // epilogue: K-independent scales, then narrow masked stores of out[token, weight row]
@@ -408,7 +441,7 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
     float v = acc[i];
     if (!grp) v = mul_rn(v, g.as[(int64_t)r * g.a_ng]);
     if (!blk) v = mul_rn(v, g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0]);
-    store_one(g, r, col, v);
+    store_one(g, r, g.interleaved ? deinterleave(col, g.nout / 2) : col, v);
   }
 #else
   __trap(); // built for a target without sm_90a features; supported() refuses such devices
@@ -502,11 +535,13 @@ struct Handle {
   uint32_t op, weight_scale, act_scale;
   int64_t n, k, experts;
   int device, sms; // device ordinal, its multiprocessor count
+  int interleaved;  // w13 (and per-channel scales) hold gate/up rows interleaved by 32: SiLU fuses into GEMM1
   void *mem;
   uint8_t *w13, *w2; // fp8 [E, 2N, K] and [E, K, N]
   float *s13, *s2;
-  CUtensorMap map13, map2;           // weights [E*2N, K] and [E*K, N] in 128-row boxes (wide tiles)
-  CUtensorMap map13_swap, map2_swap; // the same in 64-row boxes (swapped tiles)
+  // weights [E*2N, K] and [E*K, N] as TMA maps, one per tile height: 64-row boxes (swapped tiles),
+  // 128 and 192 (wide tiles)
+  CUtensorMap map13[3], map2[3];
 };
 
 int64_t scale_count(uint32_t wscheme, int64_t rows, int64_t len) {
@@ -548,13 +583,29 @@ template <int TOK> void launch_swap(const CUtensorMap &amap, const CUtensorMap &
 
 // One grouped GEMM: out[rows, nout] = A[rows, K] (gathered fp8) x B[expert rows, K]^T. The grid's
 // first axis covers an upper bound of the expert tiles, sum over experts of ceil(m_e / tile rows).
-int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, int pc, int tok, int sms,
-                    cudaStream_t s, char *msg, uint32_t cap) {
+constexpr int MAP_ROWS[3] = {SWAP_ROWS, 128, 192};
+int map_index(int tok, int bn) { return tok ? 0 : bn == 192 ? 2 : 1; }
+
+// Columns of a wide tile: 192 (fewer, larger tiles need less L2 traffic per FLOP: measured 10-14%
+// faster than 128 at M = 4096 on an H200, NOTES.md) unless nout is at most 128.
+// MOEFFI_HOPPER_BN=128|192 overrides (for tuning).
+int wide_bn(int64_t nout) {
+  static const int forced = [] {
+    const char *v = getenv("MOEFFI_HOPPER_BN");
+    return v ? atoi(v) : 0;
+  }();
+  if (forced == 128 || forced == 192) return forced;
+  return nout > 128 ? 192 : 128;
+}
+
+int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, int pc, int tok, int bn,
+                    int sms, cudaStream_t s, char *msg, uint32_t cap) {
   const int rows = tok ? tok : BM;
   const unsigned slots = (unsigned)(ceil_div(pc, rows) + std::min<int64_t>(g.experts, pc));
   if (!tok) { // persistent: at most one CTA per SM
-    const unsigned tiles = slots * (unsigned)ceil_div(g.nout, BN);
-    grouped_gemm_sm90<<<std::min(tiles, (unsigned)sms), GEMM_THREADS, GEMM_SMEM, s>>>(amap, bmap, g);
+    const unsigned tiles = slots * (unsigned)ceil_div(g.nout, bn), grid = std::min(tiles, (unsigned)sms);
+    if (bn == 192) grouped_gemm_sm90<192><<<grid, GEMM_THREADS, wide_smem<192>(), s>>>(amap, bmap, g);
+    else grouped_gemm_sm90<128><<<grid, GEMM_THREADS, wide_smem<128>(), s>>>(amap, bmap, g);
   }
   else {
     const dim3 grid(slots, (unsigned)ceil_div(g.nout, SWAP_ROWS));
@@ -591,18 +642,34 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     launch_quantize_rows(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, pc, K, act, xq, xs, s);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 routing and quantization");
     const GemmArgs g1 = {offsets, tiles, E, (int)(2 * N), (int)K, nkb1, xs, (int)act_groups(act, K), h->s13,
-                         p->weight_scale, scale_count(p->weight_scale, 2 * N, K), acc, nullptr, nullptr};
-    if ((st = launch_gemm(amap1, tok ? h->map13_swap : h->map13, g1, pc, tok, h->sms, s, msg, cap))) return st;
-    const SiluRows hrows = {acc, N, offsets + E}; // rows [0, offsets[E]) are routed
-    launch_quantize_rows(hrows, pc, N, act, hq, hs, s);
+                         p->weight_scale, scale_count(p->weight_scale, 2 * N, K), acc, nullptr, nullptr,
+                         h->interleaved, h->interleaved && !tok};
+    const int bn1 = wide_bn(2 * N), bn2 = wide_bn(K);
+    if ((st = launch_gemm(amap1, h->map13[map_index(tok, bn1)], g1, pc, tok, bn1, h->sms, s, msg, cap))) return st;
+    if (g1.silu) launch_quantize_rows(F32Rows{acc, N, offsets + E}, pc, N, act, hq, hs, s); // h from GEMM1
+    else launch_quantize_rows(SiluRows{acc, N, offsets + E}, pc, N, act, hq, hs, s); // rows [0, offsets[E]) are routed
     const GemmArgs g2 = {offsets, tiles, E, (int)K, (int)N, nkb2, hs, (int)act_groups(act, N), h->s2,
-                         p->weight_scale, scale_count(p->weight_scale, K, N), acc, nullptr, nullptr};
-    if ((st = launch_gemm(amap2, tok ? h->map2_swap : h->map2, g2, pc, tok, h->sms, s, msg, cap))) return st;
-    combine_kernel<<<(unsigned)ceil_div(mc * K, 256), 256, 0, s>>>(acc, inv, (const float *)t->topk_weights + t0 * topk,
-                                                                  mc, topk, K, (uint16_t *)t->out + t0 * K);
+                         p->weight_scale, scale_count(p->weight_scale, K, N), acc, nullptr, nullptr, 0, 0};
+    if ((st = launch_gemm(amap2, h->map2[map_index(tok, bn2)], g2, pc, tok, bn2, h->sms, s, msg, cap))) return st;
+    combine4_kernel<<<(unsigned)ceil_div(mc * K / 4, 256), 256, 0, s>>>(acc, inv, (const float *)t->topk_weights + t0 * topk,
+                                                                        mc, topk, K, (uint16_t *)t->out + t0 * K);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_moe kernels");
   }
   return MOEFFI_OK;
+}
+
+// Copies [E, 2N, row_bytes] (gate rows, then up rows) into dst with the rows of each expert
+// interleaved by 32: gate 0-31, up 0-31, gate 32-63, up 32-63, ... (N % 32 == 0; see deinterleave).
+cudaError_t interleave_w13(void *dst, const void *src, int64_t E, int64_t N, int64_t row_bytes) {
+  const size_t block = 32 * row_bytes;
+  for (int64_t e = 0; e < E; e++) {
+    char *d = (char *)dst + e * 2 * N * row_bytes;
+    const char *g = (const char *)src + e * 2 * N * row_bytes, *u = g + N * row_bytes;
+    cudaError_t err = cudaMemcpy2D(d, 2 * block, g, block, block, N / 32, cudaMemcpyDefault);
+    if (err == cudaSuccess) err = cudaMemcpy2D(d + block, 2 * block, u, block, block, N / 32, cudaMemcpyDefault);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 // The one-expert grouping of an fp8_scaled_mm chunk: offsets {0, rows}, tile_start {0, tiles}.
@@ -631,8 +698,9 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
     launch_quantize_rows(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_scaled_mm quantization");
     const GemmArgs g = {offsets, tiles, 1, (int)N, (int)K, (int)ceil_div(K, QBLK), xs, (int)act_groups(act, K), h->s13,
-                        p->weight_scale, 0, nullptr, (uint16_t *)t->out + t0 * N, bias};
-    if ((st = launch_gemm(amap, tok ? h->map13_swap : h->map13, g, mc, tok, h->sms, s, msg, cap))) return st;
+                        p->weight_scale, 0, nullptr, (uint16_t *)t->out + t0 * N, bias, 0, 0};
+    const int bn = wide_bn(N);
+    if ((st = launch_gemm(amap, h->map13[map_index(tok, bn)], g, mc, tok, bn, h->sms, s, msg, cap))) return st;
   }
   return MOEFFI_OK;
 }
@@ -684,7 +752,8 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   uint64_t total = 0;
   const uint64_t o13 = take(&total, b13), os13 = take(&total, bs13), o2 = take(&total, b2), os2 = take(&total, bs2);
   MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
-  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)GEMM_SMEM));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<128>()));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<192>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<192>()));
   set_swap_smem<8>(), set_swap_smem<16>(), set_swap_smem<32>(), set_swap_smem<64>();
   MOEFFI_CUDA_TRY(cudaGetLastError());
   // CUtensorMap is 64-byte aligned (alignas in cuda.h): calloc's alignment is not enough
@@ -702,8 +771,18 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   }
   char *mem = (char *)h->mem;
   h->w13 = (uint8_t *)(mem + o13), h->s13 = (float *)(mem + os13), h->w2 = (uint8_t *)(mem + o2), h->s2 = (float *)(mem + os2);
-  err = cudaMemcpy(h->w13, weights->w13, b13, cudaMemcpyDefault);
-  if (err == cudaSuccess) err = cudaMemcpy(h->s13, weights->w13_scale, bs13, cudaMemcpyDefault);
+  // Interleaving gate and up rows lets a wide GEMM1 tile hold matching columns (SiLU in its epilogue);
+  // block-128 scales would straddle the 32-row groups, so those weights keep the canonical order.
+  h->interleaved = !mm && problem->weight_scale != MOEFFI_W_BLOCK_128 && N % 32 == 0;
+  if (h->interleaved) {
+    err = interleave_w13(h->w13, weights->w13, E, N, K);
+    if (err == cudaSuccess && problem->weight_scale == MOEFFI_W_PER_CHANNEL)
+      err = interleave_w13(h->s13, weights->w13_scale, E, N, 4);
+    else if (err == cudaSuccess) err = cudaMemcpy(h->s13, weights->w13_scale, bs13, cudaMemcpyDefault);
+  } else {
+    err = cudaMemcpy(h->w13, weights->w13, b13, cudaMemcpyDefault);
+    if (err == cudaSuccess) err = cudaMemcpy(h->s13, weights->w13_scale, bs13, cudaMemcpyDefault);
+  }
   if (err == cudaSuccess && !mm) err = cudaMemcpy(h->w2, weights->w2, b2, cudaMemcpyDefault);
   if (err == cudaSuccess && !mm) err = cudaMemcpy(h->s2, weights->w2_scale, bs2, cudaMemcpyDefault);
   if (err == cudaSuccess) err = cudaStreamSynchronize(0);
@@ -712,10 +791,12 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
     free(h);
     FAIL(MOEFFI_DEVICE, "copying the weights: %s", cudaGetErrorString(err));
   }
-  if ((st = make_map(&h->map13, h->w13, (uint64_t)(E * rows13), K, BN, msg, cap)) ||
-      (st = make_map(&h->map13_swap, h->w13, (uint64_t)(E * rows13), K, SWAP_ROWS, msg, cap)) ||
-      (!mm && (st = make_map(&h->map2, h->w2, (uint64_t)(E * K), N, BN, msg, cap))) ||
-      (!mm && (st = make_map(&h->map2_swap, h->w2, (uint64_t)(E * K), N, SWAP_ROWS, msg, cap)))) {
+  st = MOEFFI_OK;
+  for (int i = 0; i < 3 && st == MOEFFI_OK; i++) {
+    st = make_map(&h->map13[i], h->w13, (uint64_t)(E * rows13), K, MAP_ROWS[i], msg, cap);
+    if (st == MOEFFI_OK && !mm) st = make_map(&h->map2[i], h->w2, (uint64_t)(E * K), N, MAP_ROWS[i], msg, cap);
+  }
+  if (st != MOEFFI_OK) {
     cudaFree(h->mem);
     free(h);
     return st;
@@ -747,7 +828,7 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
   NEED(tensors->topk_ids, P, "topk_ids");
   NEED(tensors->topk_weights, P, "topk_weights");
   NEED(tensors->bias, mm && (problem->flags & MOEFFI_FLAG_HAS_BIAS) ? N : 0, "bias");
-  if ((uintptr_t)tensors->out % 4) FAIL(MOEFFI_INVALID, "tensors->out must be 4-byte aligned");
+  if ((uintptr_t)tensors->out % 8) FAIL(MOEFFI_INVALID, "tensors->out must be 8-byte aligned");
   if ((uintptr_t)tensors->x % 8) FAIL(MOEFFI_INVALID, "tensors->x must be 8-byte aligned");
   MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
   (void)cudaGetLastError(); // forget a stale error of an earlier runtime call (this library's own runtime)

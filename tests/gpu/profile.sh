@@ -1,5 +1,6 @@
+# usage: bash tests/gpu/profile.sh [preset:M ...]
 # per-kernel device times of one layer forward under ncu (no clock control)
-for cfg in mixtral-8x7b:1 mixtral-8x7b:16 qwen3-30b-a3b:1 deepseek-v3-ep8:16 mixtral-8x7b:4096 qwen3-30b-a3b:4096; do
+for cfg in ${@:-mixtral-8x7b:1 mixtral-8x7b:16 qwen3-30b-a3b:1 deepseek-v3-ep8:16 mixtral-8x7b:4096 qwen3-30b-a3b:4096}; do
   p=${cfg%:*}; m=${cfg#*:}
   MOEFFI_BENCH_PRESETS=$p MOEFFI_BENCH_M=$m MOEFFI_BENCH_REPS=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 \
     ncu --clock-control none --print-units base --metrics gpu__time_duration.sum --csv deno run -A bench/gpu.ts > $OUT/ncu-$p-$m.csv 2>&1

@@ -21,7 +21,9 @@ for step in $steps; do
     bench) # ceilings and the PyTorch peer, then moeffi, in the same run
       python3 bench/peers/torch_moe.py --out "$out/peer.json" 2> "$out/peer.log" || { status=1; tail -20 "$out/peer.log"; }
       MOEFFI_BENCH_PEER="$out/peer.json" deno run -A bench/gpu.ts > "$out/bench.log" 2>&1 || status=1
-      tail -40 "$out/bench.log"; cp bench/results/*.json bench/results/*.md bench/results/*.svg "$out/" 2>/dev/null ;;
+      MOEFFI_BENCH_PEER="$out/peer.json" deno run -A bench/mm.ts >> "$out/bench.log" 2>&1 || status=1
+      grep "^|" "$out/bench.log" | tail -60
+      tar -czf "$out/results.tgz" bench/results ;; # one file: the device returns at most 8
     doctor) # what a user sees on this machine
       deno run -A tools/doctor.ts 2>&1 | tee "$out/doctor.log" | head -60 || status=1 ;;
     bun) # the Bun path on the GPU: a smoke run of the same suite
