@@ -272,43 +272,55 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
 #pragma unroll
     for (int i = 0; i < R; i++) part[i] = 0.0f, acc[i] = 0.0f;
 
-    for (int kb = 0; kb < g.nkb; kb++, it++) {
-      const int s = it % STAGES;
-      // scales of this K block (rows r0, r1 x weight blocks wb, wb + 1), read before the WGMMA window
-      float f00 = 1.0f, f01 = 1.0f, f10 = 1.0f, f11 = 1.0f;
-      if (active && (grp || blk)) {
-        const float sw0 = blk ? ws[(int64_t)wb * g.nkb + kb] : 1.0f;
-        const float sw1 = blk && wb1 ? ws[(int64_t)(wb + 1) * g.nkb + kb] : sw0;
-        const float sa0 = grp ? (ok0 ? g.as[(int64_t)r0 * g.a_ng + kb] : 0.0f) : 1.0f;
-        const float sa1 = grp ? (ok1 ? g.as[(int64_t)r1 * g.a_ng + kb] : 0.0f) : 1.0f;
-        f00 = mul_rn(sa0, sw0), f01 = mul_rn(sa0, sw1), f10 = mul_rn(sa1, sw0), f11 = mul_rn(sa1, sw1);
-      }
-      mbar_wait(&full[s], (it / STAGES) & 1);
-      if (active) {
-        const uint8_t *a = smem + (size_t)s * STAGE_BYTES + c * 64 * BK, *b = smem + (size_t)s * STAGE_BYTES + A_STAGE;
-        const uint64_t da = desc_k128_sw128(a), db = desc_k128_sw128(b);
-        fence_operands(part);
-        wgmma_fence();
+    // scales of K block kb (rows r0, r1 x weight blocks wb, wb + 1), read before the WGMMA window
+    auto scales = [&](int kb, float (&f)[4]) {
+      f[0] = f[1] = f[2] = f[3] = 1.0f;
+      if (!active || !(grp || blk)) return;
+      const float sw0 = blk ? ws[(int64_t)wb * g.nkb + kb] : 1.0f;
+      const float sw1 = blk && wb1 ? ws[(int64_t)(wb + 1) * g.nkb + kb] : sw0;
+      const float sa0 = grp ? (ok0 ? g.as[(int64_t)r0 * g.a_ng + kb] : 0.0f) : 1.0f;
+      const float sa1 = grp ? (ok1 ? g.as[(int64_t)r1 * g.a_ng + kb] : 0.0f) : 1.0f;
+      f[0] = mul_rn(sa0, sw0), f[1] = mul_rn(sa0, sw1), f[2] = mul_rn(sa1, sw0), f[3] = mul_rn(sa1, sw1);
+    };
+    // four wgmma k32 of stage s into p (a fresh partial tile), committed as one group
+    auto issue = [&](float (&p)[R], int s) {
+      const uint8_t *a = smem + (size_t)s * STAGE_BYTES + c * 64 * BK, *b = smem + (size_t)s * STAGE_BYTES + A_STAGE;
+      const uint64_t da = desc_k128_sw128(a), db = desc_k128_sw128(b);
+      fence_operands(p);
+      wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<BN>(part, da + 2 * k, db + 2 * k, k); // 32 bytes = 2 x 16
-        wgmma_commit();
-        wgmma_wait0();
-        fence_operands(part);
+      for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<BN>(p, da + 2 * k, db + 2 * k, k); // 32 bytes = 2 x 16
+      wgmma_commit();
+    };
+    // acc += p * (its block's scales): one FMA per element, or a plain add without K-dependent scales
+    auto promote = [&](float (&p)[R], const float (&f)[4]) {
+      fence_operands(p);
+      if (grp || blk) {
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+          const bool second = i / 4 >= jb;
+          acc[i] = fmaf(p[i], (i / 2) % 2 ? (second ? f[3] : f[2]) : (second ? f[1] : f[0]), acc[i]);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < R; i++) acc[i] = add_rn(acc[i], p[i]);
       }
+    };
+    auto release = [&](int s) {
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[s]); // the stage refills while this warp promotes
-      if (active) {
-        if (grp || blk) { // one FMA per element: the block's scale product applied in the promotion
-#pragma unroll
-          for (int i = 0; i < R; i++) {
-            const bool second = i / 4 >= jb;
-            acc[i] = fmaf(part[i], (i / 2) % 2 ? (second ? f11 : f10) : (second ? f01 : f00), acc[i]);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < R; i++) acc[i] = add_rn(acc[i], part[i]);
-        }
-      }
+    };
+
+    // one group in flight: issue, wait, release, promote (two partial tiles with wait_group 1 at BN = 128
+    // measured 25% slower: NOTES.md)
+    float f[4];
+    for (int kb = 0; kb < g.nkb; kb++, it++) {
+      const int s = it % STAGES;
+      scales(kb, f);
+      mbar_wait(&full[s], (it / STAGES) & 1);
+      if (active) issue(part, s), wgmma_wait0();
+      release(s);
+      if (active) promote(part, f);
     }
     if (!active) continue;
 
