@@ -9,14 +9,9 @@ import { readFileSync } from "node:fs";
 import { Context, MoeLayer, tensor, toBf16, topkSoftmax } from "../mod.ts";
 import type { ActScale, WeightScale } from "../ffi/abi.ts";
 import { weightScaleShape } from "../core/validate.ts";
+import { PRESETS } from "./presets.ts";
 import { type Peer, type Report, type Row, writeReport } from "./report.ts";
 
-export const PRESETS: Record<string, { k: number; n: number; experts: number; topk: number }> = {
-  "mixtral-8x7b": { k: 4096, n: 14336, experts: 8, topk: 2 },
-  "qwen3-30b-a3b": { k: 2048, n: 768, experts: 128, topk: 8 },
-  "deepseek-v3-ep8": { k: 7168, n: 2048, experts: 32, topk: 8 },
-  "qwen1.5-moe-a2.7b": { k: 2048, n: 1408, experts: 60, topk: 4 },
-};
 const env = (k: string, d: string) => process.env[k] ?? d;
 const presets = env("MOEFFI_BENCH_PRESETS", Object.keys(PRESETS).join(",")).split(",");
 const ms = env("MOEFFI_BENCH_M", "1,16,128,1024,4096").split(",").map(Number);
@@ -139,4 +134,5 @@ const report: Report = {
   peer: peer?.peer,
   rows,
 };
-console.log(writeReport(report, new URL(`./results/${slug}`, import.meta.url).pathname));
+// MOEFFI_BENCH_NO_REPORT=1 (deno task tune): the JSON rows above are the output, bench/results stays as it is
+if (!process.env.MOEFFI_BENCH_NO_REPORT) console.log(writeReport(report, new URL(`./results/${slug}`, import.meta.url).pathname));

@@ -8,6 +8,8 @@
 #include <cuda.h>
 #include <cuda_fp8.h>
 #include <cudaTypedefs.h>
+#include <dlfcn.h>
+#include <stdio.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -548,6 +550,7 @@ struct Handle {
   int64_t n, k, experts;
   int device, sms; // device ordinal, its multiprocessor count
   int interleaved;  // w13 (and per-channel scales) hold gate/up rows interleaved by 32: SiLU fuses into GEMM1
+  int bn13, bn2;    // wide-tile widths of the GEMMs over w13 and w2 (wide_bn)
   void *mem;
   uint8_t *w13, *w2; // fp8 [E, 2N, K] and [E, K, N]
   float *s13, *s2;
@@ -598,15 +601,57 @@ template <int TOK> void launch_swap(const CUtensorMap &amap, const CUtensorMap &
 constexpr int MAP_ROWS[3] = {SWAP_ROWS, 128, 192};
 int map_index(int tok, int bn) { return tok ? 0 : bn == 192 ? 2 : 1; }
 
-// Columns of a wide tile: 192 (fewer, larger tiles need less L2 traffic per FLOP: measured 10-14%
-// faster than 128 at M = 4096 on an H200, NOTES.md) unless nout is at most 128.
-// MOEFFI_HOPPER_BN=128|192 overrides (for tuning).
-int wide_bn(int64_t nout) {
+// The tune table `deno task tune` writes beside this library (hopper_fp8.tune): lines "gpu <name>"
+// and "bn <nout> <128|192>", the measured best wide-tile width per GEMM output width on that GPU.
+struct TuneTable {
+  char gpu[256];
+  int count;
+  int64_t nout[256];
+  int bn[256];
+};
+
+const TuneTable &tune_table() {
+  static TuneTable t = {};
+  static std::once_flag once;
+  std::call_once(once, [] {
+    Dl_info info;
+    if (!dladdr((void *)&tune_table, &info) || !info.dli_fname) return;
+    char path[4096];
+    snprintf(path, sizeof path, "%s", info.dli_fname);
+    char *slash = strrchr(path, '/');
+    snprintf(slash ? slash + 1 : path, sizeof path - (slash ? slash + 1 - path : 0), "hopper_fp8.tune");
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+      long long nout;
+      int bn;
+      if (!strncmp(line, "gpu ", 4)) {
+        snprintf(t.gpu, sizeof t.gpu, "%s", line + 4);
+        t.gpu[strcspn(t.gpu, "\r\n")] = 0;
+      } else if (sscanf(line, "bn %lld %d", &nout, &bn) == 2 && (bn == 128 || bn == 192) && t.count < 256) {
+        t.nout[t.count] = nout, t.bn[t.count++] = bn;
+      }
+    }
+    fclose(f);
+  });
+  return t;
+}
+
+// Columns of a wide tile for a GEMM with nout output columns on a GPU named gpu: MOEFFI_HOPPER_BN
+// (128|192) if set, else the tune table's entry when it was measured on this GPU, else 192 (fewer,
+// larger tiles need less L2 traffic per FLOP: 10-14% faster than 128 at M = 4096 on an H200,
+// NOTES.md) unless nout is at most 128.
+int wide_bn(int64_t nout, const char *gpu) {
   static const int forced = [] {
     const char *v = getenv("MOEFFI_HOPPER_BN");
     return v ? atoi(v) : 0;
   }();
   if (forced == 128 || forced == 192) return forced;
+  const TuneTable &t = tune_table();
+  if (!strcmp(t.gpu, gpu))
+    for (int i = 0; i < t.count; i++)
+      if (t.nout[i] == nout) return t.bn[i];
   return nout > 128 ? 192 : 128;
 }
 
@@ -656,7 +701,7 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     const GemmArgs g1 = {offsets, tiles, E, (int)(2 * N), (int)K, nkb1, xs, (int)act_groups(act, K), h->s13,
                          p->weight_scale, scale_count(p->weight_scale, 2 * N, K), acc, nullptr, nullptr,
                          h->interleaved, h->interleaved && !tok};
-    const int bn1 = wide_bn(2 * N), bn2 = wide_bn(K);
+    const int bn1 = h->bn13, bn2 = h->bn2;
     if ((st = launch_gemm(amap1, h->map13[map_index(tok, bn1)], g1, pc, tok, bn1, h->sms, s, msg, cap))) return st;
     if (g1.silu) launch_quantize_rows(F32Rows{acc, N, offsets + E}, pc, N, act, hq, hs, s); // h from GEMM1
     else launch_quantize_rows(SiluRows{acc, N, offsets + E}, pc, N, act, hq, hs, s); // rows [0, offsets[E]) are routed
@@ -711,7 +756,7 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_scaled_mm quantization");
     const GemmArgs g = {offsets, tiles, 1, (int)N, (int)K, (int)ceil_div(K, QBLK), xs, (int)act_groups(act, K), h->s13,
                         p->weight_scale, 0, nullptr, (uint16_t *)t->out + t0 * N, bias, 0, 0};
-    const int bn = wide_bn(N);
+    const int bn = h->bn13;
     if ((st = launch_gemm(amap, h->map13[map_index(tok, bn)], g, mc, tok, bn, h->sms, s, msg, cap))) return st;
   }
   return MOEFFI_OK;
@@ -775,6 +820,9 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   h->op = problem->op, h->weight_scale = problem->weight_scale, h->act_scale = problem->act_scale;
   h->n = N, h->k = K, h->experts = E, h->device = problem->device_index;
   if (cudaDeviceGetAttribute(&h->sms, cudaDevAttrMultiProcessorCount, h->device) != cudaSuccess || h->sms < 1) h->sms = 132;
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, h->device) != cudaSuccess) prop.name[0] = 0;
+  h->bn13 = wide_bn(rows13, prop.name), h->bn2 = wide_bn(K, prop.name);
   cudaError_t err = cudaMalloc(&h->mem, total);
   if (err != cudaSuccess) {
     free(h);
