@@ -580,11 +580,11 @@ int32_t check_handle(const moeffi_problem *p, const Handle *h, char *msg, uint32
 // Rows per token tile: 0 = wide 128-row tiles; else a swapped tile of 8..64 rows, the power of two
 // covering the mean rows per routed expert (a chunk's routing is on the device; the mean is a bound
 // known on the host: pc pairs over at most min(E, pc) experts).
-int token_tile(int64_t pc, int64_t experts) {
+int token_tile(int64_t pc, int64_t experts, int64_t max_mean = SWAP_MAX_TOK) {
   const int64_t mean = ceil_div(pc, std::max<int64_t>(1, std::min(experts, pc)));
-  if (mean > SWAP_MAX_TOK) return 0;
+  if (mean > max_mean) return 0;
   int tok = 8;
-  while (tok < mean) tok *= 2;
+  while (tok < mean && tok < SWAP_MAX_TOK) tok *= 2;
   return tok;
 }
 
@@ -748,7 +748,9 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
   const uint16_t *bias = (p->flags & MOEFFI_FLAG_HAS_BIAS) ? (const uint16_t *)t->bias : nullptr;
   int32_t st;
   for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
-    const int mc = (int)std::min(CHUNK, M - t0), tok = token_tile(mc, 1), rows = tok ? tok : BM;
+    // one expert: up to 128 rows take two 64-token swapped tiles per weight tile (N / 192 wide tiles
+    // would leave most SMs idle at N = 7168)
+    const int mc = (int)std::min(CHUNK, M - t0), tok = token_tile(mc, 1, 2 * SWAP_MAX_TOK), rows = tok ? tok : BM;
     CUtensorMap amap;
     if ((st = make_map(&amap, xq, mc, K, rows, msg, cap))) return st;
     mm_grouping_kernel<<<1, 1, 0, s>>>(offsets, tiles, mc, rows);
