@@ -1,5 +1,5 @@
 // sm90.cuh: Hopper (sm_90a) primitives as inline PTX: mbarriers, TMA tile loads, WGMMA shared-memory
-// descriptors and the fp8 m64n128k32 WGMMA. Used by backends/hopper_fp8. Every device function
+// descriptors, the fp8 WGMMAs (m64nNk32, N = 8..192) and setmaxnreg. Used by backends/hopper_fp8. Every device function
 // here compiles only for the sm_90a feature set (__CUDA_ARCH_FEAT_SM90_ALL); callers must guard
 // their kernels with MOEFFI_SM90A and give other targets a body that traps.
 // Facts and traps: shared/reference/hopper-gemm.md sections 1-4.
@@ -147,26 +147,3 @@ template <int R> __device__ __forceinline__ void regs_inc() { asm volatile("setm
 
 } // namespace sm90
 } // namespace moeffi
-
-#ifdef MOEFFI_SM90A
-namespace moeffi {
-namespace sm90 {
-// d[64x128 fp32] (= or +=) A[64x16 f16] * B[128x16 f16]^T, both K-major in smem (same descriptors:
-// a 128-byte row holds 64 f16). Unlike the fp8 form, f16 products are summed at about fp32
-// precision (see backends/hopper_fp8/NOTES.md for why that matters here).
-__device__ __forceinline__ void wgmma_m64n128k16_f16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-// Generic-proxy smem writes (st.shared) made visible to the async proxy (wgmma, TMA store).
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-// Named barrier `id` (1..15) over `count` threads (a multiple of 32).
-__device__ __forceinline__ void named_barrier(uint32_t id, uint32_t count) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-} // namespace sm90
-} // namespace moeffi
-#endif // MOEFFI_SM90A

@@ -1,10 +1,9 @@
-// hopper_fp8.cu: the Hopper (sm_90a) FP8 MoE backend of moeffi, v1. The routing, quantization,
-// SiLU-and-requant and combine kernels are the fallback's (cuda/*.cuh); the two grouped GEMMs run on
-// the tensor cores: TMA loads of fp8 tiles into a 3-stage mbarrier ring (one producer thread), two
-// consumer warpgroups that widen each K block to f16 in smem (exact) and issue wgmma m64n128k16 f16
-// from 128B-swizzled K-major tiles, fp32 promotion of the partial sum after every 128-wide K block
-// (the reference's order), masked fp32 stores. Why f16 and not the fp8 WGMMA: NOTES.md.
-// Design, numbers and next steps: NOTES.md beside this file.
+// hopper_fp8.cu: the Hopper (sm_90a) FP8 backend of moeffi: fp8_moe and fp8_scaled_mm on grouped
+// GEMMs that TMA-load fp8 tiles into mbarrier rings and multiply them with fp8 WGMMA, promoting each
+// 128-wide K block's tensor-core sum to fp32 (DeepGEMM's scheme). Few rows per expert (decode) take
+// swapped tiles (weights on the WGMMA's M side, 8-64 tokens on N); many take persistent 128 x 192
+// tiles with SiLU fused into GEMM 1. Routing, quantization and combine live in cuda/*.cuh.
+// Design, every version's numbers and the next steps: NOTES.md beside this file.
 #include <cuda.h>
 #include <cuda_fp8.h>
 #include <cudaTypedefs.h>
@@ -148,9 +147,10 @@ struct GemmArgs {
   int silu;              // wide tiles only: out = h = silu(gate) * up, fp32 [rows, nout / 2]
 };
 
+#ifdef MOEFFI_SM90A // device helpers of the sm_90a kernels (other targets compile trapping bodies)
 // Original GEMM1 column of interleaved weight row c (n = intermediate size): per 64 rows, 32 gate
 // rows then the 32 matching up rows.
-__host__ __device__ __forceinline__ int deinterleave(int c, int n) {
+__device__ __forceinline__ int deinterleave(int c, int n) {
   return c % 64 < 32 ? (c / 64) * 32 + c % 64 : n + (c / 64) * 32 + c % 64 - 32;
 }
 
@@ -170,7 +170,6 @@ __device__ __forceinline__ void store_one(const GemmArgs &g, int64_t row, int co
   else g.out_bf16[o] = f32_to_bf16(g.bias ? add_rn(v, bf16_to_f32(g.bias[col])) : v);
 }
 
-#ifdef MOEFFI_SM90A
 // The expert tile of grid slot t (tile_start[lo] <= t < tile_start[lo + 1]): expert, first row, end row.
 __device__ __forceinline__ void find_tile(const GemmArgs &g, int t, int rows, int *info) {
   int lo = 0, hi = g.experts;
