@@ -9,6 +9,7 @@ import { readFileSync } from "node:fs";
 import { Context, MoeLayer, tensor, toBf16, topkSoftmax } from "../mod.ts";
 import type { ActScale, WeightScale } from "../ffi/abi.ts";
 import { weightScaleShape } from "../core/validate.ts";
+import { benchData, median } from "./data.ts";
 import { PRESETS } from "./presets.ts";
 import { type Peer, type Report, type Row, writeReport } from "./report.ts";
 
@@ -29,18 +30,7 @@ const backends = ctx.registry.backends.filter((b) =>
   b.manifest.device === "cuda" && b.manifest.ops.includes("fp8_moe") && (!only || only.includes(b.name))
 );
 
-let state = 0x12345678;
-const next = () => ((state ^= state << 13), (state ^= state >>> 17), (state ^= state << 5), state >>> 0);
-function fp8Codes(n: number): Uint8Array { // |w| <= 240, no NaN codes; never zeros
-  const a = new Uint8Array(n);
-  for (let i = 0; i < n; i += 4) {
-    const r = next();
-    for (let j = 0; j < 4 && i + j < n; j++) a[i + j] = ((r >>> (8 * j)) & 0xff) % 0x6c | ((r >>> (8 * j)) & 0x80);
-  }
-  return a;
-}
-const uniform = (n: number, amp: number) => Float32Array.from({ length: n }, () => (next() / 2 ** 32 - 0.5) * amp);
-const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
+const { fp8Codes, uniform } = benchData(0x12345678);
 
 const rows: Row[] = [];
 

@@ -6,6 +6,7 @@
 //   MOEFFI_BENCH_PEER=peer.json deno run -A bench/mm.ts
 import { readFileSync, writeFileSync } from "node:fs";
 import { Context, Fp8Linear, tensor, toBf16 } from "../mod.ts";
+import { benchData, median } from "./data.ts";
 
 type PeerMm = { m: number; n: number; k: number; us: number; tflops: number };
 const peerFile = process.env.MOEFFI_BENCH_PEER;
@@ -22,11 +23,7 @@ const cuda = ctx.cuda!;
 const only = process.env.MOEFFI_BENCH_BACKENDS?.split(",") ?? ["hopper_fp8"];
 const backends = ctx.registry.backends.filter((b) => b.manifest.ops.includes("fp8_scaled_mm") && only.includes(b.name));
 
-let state = 0x2468ace1;
-const next = () => ((state ^= state << 13), (state ^= state >>> 17), (state ^= state << 5), state >>> 0);
-const fp8Codes = (n: number) => Uint8Array.from({ length: n }, () => (next() % 0x6c) | (next() & 0x80)); // |w| <= 240
-const uniform = (n: number, amp: number) => Float32Array.from({ length: n }, () => (next() / 2 ** 32 - 0.5) * amp);
-const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
+const { fp8Codes, uniform } = benchData(0x2468ace1);
 
 const rows: Record<string, unknown>[] = [];
 for (const b of backends) {

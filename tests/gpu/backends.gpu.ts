@@ -74,10 +74,9 @@ const dissimilarity = (s: { xy: number; sq: number }) => s.sq > 0 ? 1 - (2 * s.x
 /** Whether `backend` claims `op` at all (tests of other ops are skipped for it). */
 const claims = (backend: string, op: string) =>
   gpu.registry.backends.find((b) => b.name === backend)!.manifest.ops.includes(op as never);
-/** Whether `backend` accepts this MoE problem: a backend may refuse schemes or shapes, with a reason. */
-function inScope(backend: string, c: MoeCase): boolean {
-  const b = gpu.registry.backends.find((x) => x.name === backend)!;
-  const p = gpu.problem({
+/** The fp8_moe problem of case c on the GPU. */
+const moeProblem = (c: MoeCase) =>
+  gpu.problem({
     op: "fp8_moe",
     m: c.m,
     n: c.n,
@@ -87,7 +86,9 @@ function inScope(backend: string, c: MoeCase): boolean {
     weightScale: c.weightScale,
     actScale: c.actScale,
   });
-  return b.supported(p).priority !== null;
+/** Whether `backend` accepts this MoE problem: a backend may refuse schemes or shapes, with a reason. */
+function inScope(backend: string, c: MoeCase): boolean {
+  return gpu.registry.backends.find((x) => x.name === backend)!.supported(moeProblem(c)).priority !== null;
 }
 
 /** The special cases the issue names, then random problems. */
@@ -428,16 +429,7 @@ for (const backend of BACKENDS) {
     for (const actScale of ["dynamic-token", "dynamic-tensor"] as const) {
       const c = randomMoe(r, { experts: 24, topk: 6, m: 300, k: 256, n: 256, weightScale: "per-channel", actScale });
       if (!inScope(backend, c)) continue;
-      const p = gpu.problem({
-        op: "fp8_moe",
-        m: c.m,
-        n: c.n,
-        k: c.k,
-        experts: c.experts,
-        topk: c.topk,
-        weightScale: c.weightScale,
-        actScale,
-      });
+      const p = moeProblem(c);
       const t = moeTensors(c), w = Object.fromEntries(Object.entries(t.weights).map(([k, v]) => [k, cuda.upload(v)]));
       const handle = b.prepare(p, {
         w13: w.w13.address(),
