@@ -80,13 +80,11 @@ static __global__ void __launch_bounds__(SCAN_THREADS) route_scan_kernel(int *hi
   if (threadIdx.x == SCAN_THREADS - 1) offsets[E] = base;
 }
 
-// One warp per chunk, walking it 32 pairs at a time in order; lanes of one expert take consecutive
-// rows in lane order (__match_any_sync), and hist[c, :] serves as the chunk's per-expert cursor.
-static __global__ void __launch_bounds__(32)
-    route_scatter_kernel(const int32_t *ids, int pairs, int E, int *hist, int *perm, int *inv) {
-  int *cursor = hist + (int64_t)blockIdx.x * E;
-  const int lane = threadIdx.x;
-  const int64_t begin = (int64_t)blockIdx.x * ROUTE_CHUNK, end = min((int64_t)pairs, begin + ROUTE_CHUNK);
+// One warp walks pairs [begin, end) 32 at a time in order; lanes of one expert take consecutive rows
+// in lane order (__match_any_sync), and cursor[e] is the next free row of expert e.
+__device__ __forceinline__ void scatter_walk(const int32_t *ids, int64_t begin, int64_t end, int E, int *cursor, int *perm,
+                                             int *inv) {
+  const int lane = threadIdx.x % 32;
   for (int64_t i0 = begin; i0 < end; i0 += 32) {
     const int64_t i = i0 + lane;
     const int e = i < end ? ids[i] : -1;
@@ -105,14 +103,79 @@ static __global__ void __launch_bounds__(32)
   }
 }
 
-// Enqueues the three routing kernels for `pairs` > 0 (token, slot) ids on stream s; launch errors
-// are left for the caller's cudaGetLastError.
+// One warp per chunk; hist[c, :] (from route_scan_kernel) is the chunk's per-expert cursor.
+static __global__ void __launch_bounds__(32)
+    route_scatter_kernel(const int32_t *ids, int pairs, int E, int *hist, int *perm, int *inv) {
+  const int64_t begin = (int64_t)blockIdx.x * ROUTE_CHUNK, end = min((int64_t)pairs, begin + ROUTE_CHUNK);
+  scatter_walk(ids, begin, end, E, hist + (int64_t)blockIdx.x * E, perm, inv);
+}
+
+// One block of SCAN_THREADS: tile_start[e] = first `rows`-row tile of expert e in a grouped GEMM grid,
+// tile_start[E] = the tile count (offsets come from the routing kernels, so they are valid).
+static __global__ void __launch_bounds__(SCAN_THREADS) tile_scan_kernel(const int *offsets, int E, int rows, int *tile_start) {
+  __shared__ int smem[SCAN_THREADS];
+  const int seg = (E + SCAN_THREADS - 1) / SCAN_THREADS;
+  const int lo = (int)min((int64_t)E, (int64_t)threadIdx.x * seg), hi = min(E, lo + seg);
+  int total = 0;
+  for (int e = lo; e < hi; e++) total += (offsets[e + 1] - offsets[e] + rows - 1) / rows;
+  int base = block_exclusive_scan(total, smem);
+  for (int e = lo; e < hi; e++) {
+    tile_start[e] = base;
+    base += (offsets[e + 1] - offsets[e] + rows - 1) / rows;
+  }
+  if (threadIdx.x == SCAN_THREADS - 1) tile_start[E] = base;
+}
+
+// Decode-sized routing (pairs <= ROUTE_CHUNK, E <= SMALL_ROUTE_E) in one block of SCAN_THREADS, with
+// the same layout as the three kernels above (and tile_start as tile_scan_kernel's when asked): at
+// these sizes each kernel boundary costs more than the work.
+constexpr int SMALL_ROUTE_E = 4096;
+static __global__ void __launch_bounds__(SCAN_THREADS)
+    route_small_kernel(const int32_t *ids, int pairs, int E, int *offsets, int *perm, int *inv, uint32_t *error_flags,
+                       int tile_rows, int *tile_start) {
+  __shared__ int count[SMALL_ROUTE_E]; // per expert: its pairs, then its cursor
+  __shared__ int smem[SCAN_THREADS];
+  const int t = threadIdx.x;
+  for (int e = t; e < E; e += SCAN_THREADS) count[e] = 0;
+  __syncthreads();
+  const int id = t < pairs ? ids[t] : -1;
+  if (id >= 0 && id < E) atomicAdd(&count[id], 1);
+  if (__syncthreads_or(id < -1 || id >= E) && t == 0 && error_flags) atomicOr(error_flags, MOEFFI_ERROR_TOPK_ID);
+  const int seg = (E + SCAN_THREADS - 1) / SCAN_THREADS;
+  const int lo = min(E, t * seg), hi = min(E, lo + seg);
+  int rows = 0, tiles = 0;
+  for (int e = lo; e < hi; e++) rows += count[e], tiles += tile_start ? (count[e] + tile_rows - 1) / tile_rows : 0;
+  int base = block_exclusive_scan(rows, smem);
+  __syncthreads();
+  int tbase = tile_start ? block_exclusive_scan(tiles, smem) : 0;
+  for (int e = lo; e < hi; e++) { // a thread rewrites only its own experts' counts
+    const int n = count[e];
+    offsets[e] = count[e] = base;
+    base += n;
+    if (tile_start) tile_start[e] = tbase, tbase += (n + tile_rows - 1) / tile_rows;
+  }
+  if (t == SCAN_THREADS - 1) {
+    offsets[E] = base;
+    if (tile_start) tile_start[E] = tbase;
+  }
+  __syncthreads();
+  if (t < 32) scatter_walk(ids, 0, pairs, E, count, perm, inv);
+}
+
+// Enqueues the routing of `pairs` > 0 (token, slot) ids on stream s (one kernel at decode sizes,
+// else three), and with tile_start the starts of each expert's tile_rows-row tiles; launch errors are
+// left for the caller's cudaGetLastError.
 inline void launch_routing(const int32_t *ids, int pairs, int E, int *hist, int *offsets, int *perm, int *inv,
-                                  uint32_t *error_flags, cudaStream_t s) {
+                           uint32_t *error_flags, cudaStream_t s, int tile_rows = 0, int *tile_start = nullptr) {
+  if (pairs <= ROUTE_CHUNK && E <= SMALL_ROUTE_E) {
+    route_small_kernel<<<1, SCAN_THREADS, 0, s>>>(ids, pairs, E, offsets, perm, inv, error_flags, tile_rows, tile_start);
+    return;
+  }
   const int chunks = route_chunks(pairs);
   route_histogram_kernel<<<chunks, 256, 0, s>>>(ids, pairs, E, hist, error_flags);
   route_scan_kernel<<<1, SCAN_THREADS, 0, s>>>(hist, chunks, E, offsets);
   route_scatter_kernel<<<chunks, 32, 0, s>>>(ids, pairs, E, hist, perm, inv);
+  if (tile_start) tile_scan_kernel<<<1, SCAN_THREADS, 0, s>>>(offsets, E, tile_rows, tile_start);
 }
 
 // out[t, c] = bf16(sum over j = 0..topk-1 in order of w[t, j] * y[inv[t, j], c]), in fp32 from 0;
@@ -131,9 +194,11 @@ static __global__ void __launch_bounds__(256) combine_kernel(const float *y, con
 }
 
 // combine_kernel four columns at a time (K % 4 == 0): 16-byte loads of y, 8-byte stores, the same
-// fixed order and roundings per element.
-static __global__ void __launch_bounds__(256) combine4_kernel(const float *y, const int *inv, const float *w,
-                                                              int64_t tokens, int topk, int64_t K, uint16_t *out) {
+// fixed order and roundings per element. y may come as `splits` partial sums `stride` apart (a GEMM
+// that split K), added in split order before the weighting.
+static __global__ void __launch_bounds__(256) combine4_kernel(const float *y, int splits, int64_t stride, const int *inv,
+                                                              const float *w, int64_t tokens, int topk, int64_t K,
+                                                              uint16_t *out) {
   const int64_t quads = tokens * K / 4;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < quads; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t t = 4 * i / K, c = 4 * i % K;
@@ -142,7 +207,11 @@ static __global__ void __launch_bounds__(256) combine4_kernel(const float *y, co
       const int row = inv[t * topk + j];
       if (row < 0) continue;
       const float wj = w[t * topk + j];
-      const float4 v = *(const float4 *)(y + (int64_t)row * K + c);
+      float4 v = *(const float4 *)(y + (int64_t)row * K + c);
+      for (int z = 1; z < splits; z++) {
+        const float4 u = *(const float4 *)(y + z * stride + (int64_t)row * K + c);
+        v.x = add_rn(v.x, u.x), v.y = add_rn(v.y, u.y), v.z = add_rn(v.z, u.z), v.w = add_rn(v.w, u.w);
+      }
       sum.x = add_rn(sum.x, mul_rn(wj, v.x)), sum.y = add_rn(sum.y, mul_rn(wj, v.y));
       sum.z = add_rn(sum.z, mul_rn(wj, v.z)), sum.w = add_rn(sum.w, mul_rn(wj, v.w));
     }

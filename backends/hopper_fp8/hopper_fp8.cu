@@ -42,6 +42,7 @@ template <int BN> __host__ __device__ constexpr int wide_stages() { return 200 *
 template <int BN> __host__ __device__ constexpr size_t wide_smem() { return (size_t)wide_stages<BN>() * wide_stage_bytes<BN>() + 1024; }
 constexpr int SWAP_ROWS = 64, SWAP_THREADS = 160;                 // swapped tile: 64 weight rows, 1 warpgroup + 1 warp
 constexpr int SWAP_MAX_TOK = 64; // swapped tiles while the mean rows per routed expert is at most this
+constexpr int SPLIT_MAX_PAIRS = 64; // GEMM 2 may split K in two up to this many pairs per chunk (split_k2)
 
 #define FAIL(status, ...)              \
   do {                                 \
@@ -114,25 +115,9 @@ struct GatherRows {
   __device__ void values(const Raw &b, float (&v)[4]) const { bf16x4_values(b, v); }
 };
 
-// One block of SCAN_THREADS: tile_start[e] = first `rows`-row tile of expert e in the GEMM grid,
-// tile_start[E] = the tile count (offsets come from the routing kernels, so they are valid).
-static __global__ void __launch_bounds__(SCAN_THREADS) tile_scan_kernel(const int *offsets, int E, int rows, int *tile_start) {
-  __shared__ int smem[SCAN_THREADS];
-  const int seg = (E + SCAN_THREADS - 1) / SCAN_THREADS;
-  const int lo = (int)min((int64_t)E, (int64_t)threadIdx.x * seg), hi = min(E, lo + seg);
-  int total = 0;
-  for (int e = lo; e < hi; e++) total += (offsets[e + 1] - offsets[e] + rows - 1) / rows;
-  int base = block_exclusive_scan(total, smem);
-  for (int e = lo; e < hi; e++) {
-    tile_start[e] = base;
-    base += (offsets[e + 1] - offsets[e] + rows - 1) / rows;
-  }
-  if (threadIdx.x == SCAN_THREADS - 1) tile_start[E] = base;
-}
-
 struct GemmArgs {
   const int *offsets;    // [E+1] rows of each expert in the gathered A / out
-  const int *tile_start; // [E+1] from tile_scan_kernel
+  const int *tile_start; // [E+1] from launch_routing
   int experts;
   int nout, klen, nkb;   // output columns (weight rows per expert), reduction length, its 128-blocks
   const float *as;       // activation scales [rows, a_ng] (a_ng = nkb for 1x128 groups, else 1)
@@ -145,6 +130,7 @@ struct GemmArgs {
   const uint16_t *bias;  // bf16 [nout] or NULL
   int interleaved;       // GEMM1 weights hold gate/up rows interleaved by 32 (see interleave_w13)
   int silu;              // wide tiles only: out = h = silu(gate) * up, fp32 [rows, nout / 2]
+  int64_t split_stride;  // swapped tiles: K split gridDim.z ways, split z's partial sums at out + z * split_stride
 };
 
 #ifdef MOEFFI_SM90A // device helpers of the sm_90a kernels (other targets compile trapping bodies)
@@ -164,9 +150,9 @@ __device__ __forceinline__ void store_pair(const GemmArgs &g, int64_t row, int c
   if (g.bias) v0 = add_rn(v0, bf16_to_f32(g.bias[col])), v1 = add_rn(v1, bf16_to_f32(g.bias[col + 1]));
   *(uint32_t *)(g.out_bf16 + o) = (uint32_t)f32_to_bf16(v0) | ((uint32_t)f32_to_bf16(v1) << 16);
 }
-__device__ __forceinline__ void store_one(const GemmArgs &g, int64_t row, int col, float v) {
+__device__ __forceinline__ void store_one(const GemmArgs &g, int64_t row, int col, float v, int64_t split_offset = 0) {
   const int64_t o = row * g.nout + col;
-  if (g.out) g.out[o] = v;
+  if (g.out) g.out[split_offset + o] = v;
   else g.out_bf16[o] = f32_to_bf16(g.bias ? add_rn(v, bf16_to_f32(g.bias[col])) : v);
 }
 
@@ -185,18 +171,18 @@ __device__ __forceinline__ void find_tile(const GemmArgs &g, int t, int rows, in
 
 // One TMA thread fills a ring of `stages` slots, each `a_bytes` of A at (kb, arow) then B at (kb, brow).
 __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorMap *bmap, uint8_t *smem, uint64_t *full,
-                                        uint64_t *empty, int stages, uint32_t a_bytes, uint32_t stage_bytes, int nkb,
-                                        int arow, int brow) {
+                                        uint64_t *empty, int stages, uint32_t a_bytes, uint32_t stage_bytes, int kb0,
+                                        int kb1, int arow, int brow) {
   using namespace sm90;
   tma_prefetch(amap);
   tma_prefetch(bmap);
-  for (int kb = 0; kb < nkb; kb++) {
-    const int s = kb % stages;
-    if (kb >= stages) mbar_wait(&empty[s], ((kb / stages) - 1) & 1);
+  for (int i = 0; i < kb1 - kb0; i++) {
+    const int s = i % stages;
+    if (i >= stages) mbar_wait(&empty[s], ((i / stages) - 1) & 1);
     uint8_t *a = smem + (size_t)s * stage_bytes;
     mbar_arrive_expect_tx(&full[s], stage_bytes);
-    tma_load_2d(a, amap, &full[s], kb * BK, arow);
-    tma_load_2d(a + a_bytes, bmap, &full[s], kb * BK, brow);
+    tma_load_2d(a, amap, &full[s], (kb0 + i) * BK, arow);
+    tma_load_2d(a + a_bytes, bmap, &full[s], (kb0 + i) * BK, brow);
   }
 }
 #endif
@@ -314,6 +300,7 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
 
     // one group in flight: issue, wait, release, promote (two partial tiles with wait_group 1 at BN = 128
     // measured 25% slower: NOTES.md)
+    // (consumers taking turns to issue, through named barriers, measured 21% slower: NOTES.md)
     float f[4];
     for (int kb = 0; kb < g.nkb; kb++, it++) {
       const int s = it % STAGES;
@@ -394,6 +381,8 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
   uint8_t *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
 
   const int tid = threadIdx.x, t = blockIdx.x, n0 = blockIdx.y * SWAP_ROWS;
+  // this CTA's share of the K blocks (split z of gridDim.z)
+  const int kb0 = (int)((int64_t)g.nkb * blockIdx.z / gridDim.z), kb1 = (int)((int64_t)g.nkb * (blockIdx.z + 1) / gridDim.z);
   if (t >= g.tile_start[g.experts]) return; // uniform over the block
   if (tid == 0) {
     find_tile(g, t, TOK, tile_info);
@@ -406,7 +395,7 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
   __syncthreads();
   const int e = tile_info[0], m0 = tile_info[1], end = tile_info[2];
   if (tid >= 128) { // producer warp: stage = 64 weight rows (A), then TOK token rows (B)
-    if (tid == 128) produce(&bmap, &amap, smem, full, empty, S, W_BYTES, SB, g.nkb, e * g.nout + n0, m0);
+    if (tid == 128) produce(&bmap, &amap, smem, full, empty, S, W_BYTES, SB, kb0, kb1, e * g.nout + n0, m0);
     return;
   }
   const int warp = tid / 32, lane = tid % 32;
@@ -417,8 +406,8 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
 #pragma unroll
   for (int i = 0; i < R; i++) part[i] = 0.0f, acc[i] = 0.0f;
 
-  for (int kb = 0; kb < g.nkb; kb++) {
-    const int s = kb % S;
+  for (int kb = kb0; kb < kb1; kb++) {
+    const int s = (kb - kb0) % S;
     float f[TOK / 4]; // scale of tokens 8j + 2(l%4) + {0, 1} at index 2j + {0, 1}
 #pragma unroll
     for (int j = 0; j < TOK / 4; j++) f[j] = 1.0f;
@@ -430,7 +419,7 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
         f[j] = grp ? (r < end ? mul_rn(g.as[(int64_t)r * g.a_ng + kb], sw) : 0.0f) : sw;
       }
     }
-    mbar_wait(&full[s], (kb / S) & 1);
+    mbar_wait(&full[s], ((kb - kb0) / S) & 1);
     const uint8_t *w = smem + (size_t)s * SB;
     const uint64_t dw = desc_k128_sw128(w), dx = desc_k128_sw128(w + W_BYTES);
     fence_operands(part);
@@ -454,7 +443,7 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
     float v = acc[i];
     if (!grp) v = mul_rn(v, g.as[(int64_t)r * g.a_ng]);
     if (!blk) v = mul_rn(v, g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0]);
-    store_one(g, r, g.interleaved ? deinterleave(col, g.nout / 2) : col, v);
+    store_one(g, r, g.interleaved ? deinterleave(col, g.nout / 2) : col, v, blockIdx.z * g.split_stride);
   }
 #else
   __trap(); // built for a target without sm_90a features; supported() refuses such devices
@@ -535,7 +524,7 @@ Plan plan_workspace(const moeffi_problem *p) {
   w.perm = take(&c, pc * 4);
   w.inv = take(&c, pc * 4);
   w.tiles = take(&c, (e + 1) * 4);
-  w.acc = take(&c, pc * std::max(2 * n, k) * f);
+  w.acc = take(&c, pc * std::max(2 * n, (pc <= SPLIT_MAX_PAIRS ? 2 : 1) * k) * f); // split_k2's partial sums
   w.hq = take(&c, pc * n);
   w.hs = take(&c, pc * act_groups(p->act_scale, n) * f);
   w.total = c;
@@ -654,8 +643,16 @@ int wide_bn(int64_t nout, const char *gpu) {
   return nout > 128 ? 192 : 128;
 }
 
+// K splits of GEMM 2 on swapped tiles: 2 when at most one CTA per SM would stream weights otherwise
+// (mixtral at M = 1: 2 experts x 64 weight tiles for 132 SMs) and the chunk is small enough for
+// the workspace's second partial-sum buffer; the combine adds the partial sums in split order.
+int split_k2(int pc, int experts, int tok, int64_t K, int nkb, int sms) {
+  const int64_t tiles = std::min<int64_t>(pc, ceil_div(pc, tok) + std::min(experts, pc)); // >= 1 row each
+  return tok && pc <= SPLIT_MAX_PAIRS && nkb >= 2 && tiles * ceil_div(K, SWAP_ROWS) <= sms ? 2 : 1;
+}
+
 int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &g, int pc, int tok, int bn,
-                    int sms, cudaStream_t s, char *msg, uint32_t cap) {
+                    int sms, cudaStream_t s, char *msg, uint32_t cap, int splits = 1) {
   const int rows = tok ? tok : BM;
   const unsigned slots = (unsigned)(ceil_div(pc, rows) + std::min<int64_t>(g.experts, pc));
   if (!tok) { // persistent: at most one CTA per SM
@@ -664,7 +661,7 @@ int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const Gemm
     else grouped_gemm_sm90<128><<<grid, GEMM_THREADS, wide_smem<128>(), s>>>(amap, bmap, g);
   }
   else {
-    const dim3 grid(slots, (unsigned)ceil_div(g.nout, SWAP_ROWS));
+    const dim3 grid(slots, (unsigned)ceil_div(g.nout, SWAP_ROWS), (unsigned)splits);
     if (tok == 8) launch_swap<8>(amap, bmap, g, grid, s);
     else if (tok == 16) launch_swap<16>(amap, bmap, g, grid, s);
     else if (tok == 32) launch_swap<32>(amap, bmap, g, grid, s);
@@ -693,8 +690,7 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     const int pc = (int)(mc * topk), tok = token_tile(pc, E), rows = tok ? tok : BM;
     CUtensorMap amap1, amap2;
     if ((st = make_map(&amap1, xq, pc, K, rows, msg, cap)) || (st = make_map(&amap2, hq, pc, N, rows, msg, cap))) return st;
-    launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s);
-    tile_scan_kernel<<<1, SCAN_THREADS, 0, s>>>(offsets, E, rows, tiles);
+    launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s, rows, tiles);
     launch_quantize_rows(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, pc, K, act, xq, xs, s);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 routing and quantization");
     const GemmArgs g1 = {offsets, tiles, E, (int)(2 * N), (int)K, nkb1, xs, (int)act_groups(act, K), h->s13,
@@ -704,11 +700,13 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     if ((st = launch_gemm(amap1, h->map13[map_index(tok, bn1)], g1, pc, tok, bn1, h->sms, s, msg, cap))) return st;
     if (g1.silu) launch_quantize_rows(F32Rows{acc, N, offsets + E}, pc, N, act, hq, hs, s); // h from GEMM1
     else launch_quantize_rows(SiluRows{acc, N, offsets + E}, pc, N, act, hq, hs, s); // rows [0, offsets[E]) are routed
+    const int splits = split_k2(pc, E, tok, K, nkb2, h->sms);
     const GemmArgs g2 = {offsets, tiles, E, (int)K, (int)N, nkb2, hs, (int)act_groups(act, N), h->s2,
-                         p->weight_scale, scale_count(p->weight_scale, K, N), acc, nullptr, nullptr, 0, 0};
-    if ((st = launch_gemm(amap2, h->map2[map_index(tok, bn2)], g2, pc, tok, bn2, h->sms, s, msg, cap))) return st;
-    combine4_kernel<<<(unsigned)ceil_div(mc * K / 4, 256), 256, 0, s>>>(acc, inv, (const float *)t->topk_weights + t0 * topk,
-                                                                        mc, topk, K, (uint16_t *)t->out + t0 * K);
+                         p->weight_scale, scale_count(p->weight_scale, K, N), acc, nullptr, nullptr, 0, 0, (int64_t)pc * K};
+    if ((st = launch_gemm(amap2, h->map2[map_index(tok, bn2)], g2, pc, tok, bn2, h->sms, s, msg, cap, splits))) return st;
+    combine4_kernel<<<(unsigned)ceil_div(mc * K / 4, 256), 256, 0, s>>>(acc, splits, (int64_t)pc * K, inv,
+                                                                        (const float *)t->topk_weights + t0 * topk, mc, topk, K,
+                                                                        (uint16_t *)t->out + t0 * K);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_moe kernels");
   }
   return MOEFFI_OK;
