@@ -2,8 +2,11 @@
 // device-to-device copy bandwidth measured in the same run, at m_topk x K = 65536 x 7168 (E = 256,
 // uneven rows per expert) and 8 x 7168 (E = 8), and against its own variants (moeffi_nvfp4_variant_run):
 // plain (one row per block after a memset and a planning kernel), the shared-memory and the global
-// lookups forced, a memset of the whole scale buffer first, and famax (the other block-amax form:
-// quant from unpacked floats, the kernel before the packed bf16 amax; silu from the packed words). Also the fused silu op at 65536 x 2048.
+// lookups forced, a memset of the whole scale buffer first, items (the previous kernel: items of 8 on
+// lane pairs) and famax (that kernel with the other block-amax form), flat2 (two scale blocks per
+// thread and trip), olde2m1 (the flat kernel with the previous e2m1 conversion), and the timing-only
+// nosf / readonly / noop (not bit-exact: no scale byte stores, no stores at all, an empty kernel).
+// Also the fused silu op at 65536 x 2048.
 // Time = median device time of 50 runs after 5 warm-ups (CUDA events); before each run a 256 MiB memset
 // keeps the stream busy while the host enqueues, so the events time device work only (and it evicts
 // most of the L2). GB/s = (bytes read + bytes written, the whole scale buffer included) / time.
@@ -16,8 +19,12 @@ import { runtime } from "../ffi/runtime.ts";
 import { nvfp4ScaleRows } from "../core/ops.ts";
 
 /** moeffi_nvfp4_variant_run's variants (backends/nvfp4/nvfp4.cu). */
-export const VARIANTS = { auto: 0, plain: 1, smem: 2, global: 3, memset: 4, famax: 5 } as const;
-export type Variant = keyof typeof VARIANTS;
+export const VARIANTS = { auto: 0, plain: 1, smem: 2, global: 3, memset: 4, famax: 5, items: 6, flat2: 7, olde2m1: 8 } as const;
+/** Timing-only entries, not bit-exact (the quant op; the silu op runs auto): nosf skips the per-block scale
+ * byte stores, readonly every store (loads, amax and block scales only), noop launches an empty kernel. */
+export const TIMING_ONLY = { nosf: 9, noop: 10, readonly: 11 } as const;
+export type Variant = keyof typeof VARIANTS | keyof typeof TIMING_ONLY;
+const CODES: Record<Variant, number> = { ...VARIANTS, ...TIMING_ONLY };
 
 /** Workspace bytes the plain and global variants need (moeffi_run sizes its own). */
 export const variantWorkspace = (experts: number) => 16 + 4 * (experts + 1);
@@ -33,7 +40,7 @@ export function openVariants(path: string) {
       const status = lib.symbols.moeffi_nvfp4_variant_run(
         encodeProblem(problem),
         encodeTensors(tensors),
-        VARIANTS[variant],
+        CODES[variant],
         message,
         message.length,
       ) as number;
@@ -115,7 +122,7 @@ async function main() {
       m: 65536,
       cols: 7168,
       experts: 256,
-      variants: ["auto", "plain", "global", "memset", "famax"] as Variant[],
+      variants: ["auto", "items", "flat2", "olde2m1", "global", "plain", "memset", "nosf", "readonly"] as Variant[],
     },
     {
       name: "quant 8x7168 E=8",
@@ -123,7 +130,7 @@ async function main() {
       m: 8,
       cols: 7168,
       experts: 8,
-      variants: ["auto", "plain", "smem", "global", "memset", "famax"] as Variant[],
+      variants: ["auto", "items", "flat2", "smem", "global", "plain", "memset", "noop"] as Variant[],
     },
     {
       name: "silu 65536x2048 E=256",
@@ -131,7 +138,7 @@ async function main() {
       m: 65536,
       cols: 2048,
       experts: 256,
-      variants: ["auto", "plain", "famax"] as Variant[],
+      variants: ["auto", "items", "famax", "olde2m1", "plain"] as Variant[],
     },
   ];
   for (const c of cases) {
@@ -173,6 +180,7 @@ async function main() {
       rows.push(row);
       console.log(JSON.stringify(row));
       // every variant writes the same bytes
+      if (variant in TIMING_ONLY) continue;
       const got = { out: (await out.download()).data, sf: (await sf.download()).data };
       if (!first) first = got;
       else if (got.out.some((v, i) => v !== first!.out[i]) || got.sf.some((v, i) => v !== first!.sf[i])) {
@@ -216,7 +224,7 @@ async function main() {
       targets.big_met ? "met" : "NOT met"
     }); 8 x 7168 in ${small.us} us (<= 5 us: ${targets.small_met ? "met" : "NOT met"}).`,
     "",
-    "Variants: auto = what moeffi_run does (register lookup for E <= 32, shared memory up to 4096, global above); plain = memset + planning kernel + one row per block; smem / global = the grid-stride kernel with that lookup forced; memset = auto after a memset of the whole scale buffer; famax = auto with the other block-amax form (quant: from unpacked floats, the previous kernel; silu: from the packed bf16 words).",
+    "Variants: auto = what moeffi_run does (the flat kernel: one 16-element scale block per thread and trip, loaded a trip ahead; register lookup for E <= 32, shared memory up to 4096, global above); plain = memset + planning kernel + one row per block; smem / global = auto with that lookup forced; memset = auto after a memset of the whole scale buffer; items = the previous kernel (items of 8 on lane pairs, two per lane per trip); famax = items with the other block-amax form; flat2 = two blocks per thread and trip; olde2m1 = auto with the previous e2m1 conversion; timing only, not bit-exact: nosf = auto without the per-block scale byte stores, readonly = auto without any store, noop = an empty kernel (the launch floor).",
     "",
     "| case | variant | time (us) | spread | GB/s | of copy |",
     "|---|---|---|---|---|---|",

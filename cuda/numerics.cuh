@@ -174,6 +174,40 @@ MOEFFI_HD uint32_t e2m1x8_magnitudes(const float (&x)[8]) {
   return acc - bias;
 }
 
+// e2m1_magnitude(f) as the bits 0x4A800000 + code of a float in [2^22, 2^22 + 3.5]: with a = min(|f|, 6)
+// (NaN gives 6), the e2m1 grid 0, .5, 1, 1.5 | 2, 3 | 4, 6 is y = min(a, 1 + a/2, 2 + a/4) on the even
+// grid 0, .5, ..., 3.5 (the three pieces meet at a = 2 and 4), and RN to that grid is 2^22 + y
+// rounded to fp32. Each piece is one rounding of an exact value (a + 2^22, fma(a, 1/2, 2^22 + 1),
+// fma(a, 1/4, 2^22 + 2)), and RN is monotone, so the min of the rounded pieces is the rounded min;
+// ties go to even steps, the even codes. 3 FMA-pipe operations and 3 min (the cap included), against 3
+// and 4 for e2m1_magnitude_field. The same code as e2m1_magnitude for every one of the 2^32 inputs
+// (checked exhaustively on the host, backends/nvfp4/NOTES.md).
+MOEFFI_HD uint32_t e2m1_code_bits(float f) {
+#ifdef __CUDA_ARCH__
+  const float a = fminf(fabsf(f), 6.0f); // NaN gives 6, hence 7
+  const float s1 = __fadd_rn(a, 4194304.0f), s2 = __fmaf_rn(a, 0.5f, 4194305.0f), s3 = __fmaf_rn(a, 0.25f, 4194306.0f);
+  return __float_as_uint(fminf(fminf(s1, s2), s3));
+#else
+  const float af = fabsf(f), a = af < 6.0f ? af : 6.0f;
+  const float s1 = a + 4194304.0f, s2 = fmaf(a, 0.5f, 4194305.0f), s3 = fmaf(a, 0.25f, 4194306.0f);
+  const float m = s1 < s2 ? s1 : s2;
+  return bits_of(m < s3 ? m : s3);
+#endif
+}
+
+// The e2m1 magnitude codes of x[0..7] packed a nibble each (x[j] at bits 4j..4j+2), from
+// e2m1_code_bits: each (0x4A800000 + code) << 4j is (0x4A800000 << 4j) + (code << 4j) mod 2^32, and one
+// constant removes the first terms at the end.
+MOEFFI_HD uint32_t e2m1x8_codes(const float (&x)[8]) {
+  uint32_t acc = 0, bias = 0;
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    acc += e2m1_code_bits(x[j]) << (4 * j);
+    bias += 0x4A800000u << (4 * j);
+  }
+  return acc - bias;
+}
+
 MOEFFI_HD uint8_t f32_to_e2m1(float f) { return (uint8_t)(((bits_of(f) >> 28) & 0x8u) | e2m1_magnitude(f)); }
 
 // max(m, |v|) as the reference's amax_of: a NaN v never wins. (fmaxf is not the same: glibc's

@@ -2,16 +2,18 @@
 // (moe.md section 4, moeffi.h), the same bytes as backends/reference/reference.c.
 //
 // One kernel per call (two above 4096 experts), no host synchronization. A grid-stride loop over
-// items of 8 elements: one 16-byte load per item, loaded a loop trip ahead; the two items of a
-// 16-element block sit on adjacent lanes, which share the block amax with one shuffle, and with two
-// items per lane per trip the even lane computes one block's scale and the odd lane the other's.
+// 16-element scale blocks, one per thread and trip ("flat kernel"): the block's 32 bytes are loaded a
+// trip ahead, and its amax, e4m3 scale and 16 codes need no other lane (8 bytes of codes and the
+// scale byte stored per block). The previous kernel (items of 8 on lane pairs sharing the amax by a
+// shuffle) stays as a benchmark variant and the fallback for indices past 32 bits.
 // Each block checks the expert offsets and builds the 128-row-rounded block-scale offsets itself: in
-// registers for E <= 32 (lane e holds expert e; a 5-step shuffle binary search finds an item's
-// expert), in shared memory up to 4096 experts (binary search there), and beyond that a one-block
-// planning kernel writes them to the workspace (binary search in global memory). A thread's rows
+// registers for E <= 32 (lane e holds expert e; two ballots find a row's expert where a warp holds
+// at most two rows, else a 5-step shuffle binary search), in shared memory up to 4096 experts
+// (binary search there), and beyond that a one-block planning kernel writes them to the workspace
+// (binary search in global memory). A thread's rows
 // only grow, so it searches again only when it leaves its expert. Every search reads offsets [0, E]
 // only and ends on the expert owning the row. The scale buffer is written once, by the same kernel:
-// real scales by the items, then the padding rows of each expert's last 128-row tile, the padding
+// real scales by the blocks, then the padding rows of each expert's last 128-row tile, the padding
 // columns and the unused tail, with no memset pass. The E2M1, E4M3 and SiLU arithmetic comes from
 // cuda/numerics.cuh (software on every architecture, bit-exact with the reference).
 // Design, measurements and the sm_100 caveat: backends/nvfp4/NOTES.md.
@@ -50,8 +52,14 @@ constexpr int64_t MAX_ROWS = (int64_t)1 << 30; // m + 127 E: rows stay int32 pas
 enum Lookup { REG = 0, SMEM = 1, GLOBAL = 2 };
 
 // Benchmark-only variants (moeffi_nvfp4_variant_run); 0 is what moeffi_run does.
-enum Variant { AUTO = 0, PLAIN = 1, FORCE_SMEM = 2, FORCE_GLOBAL = 3, MEMSET = 4, FLOAT_AMAX = 5 };
-constexpr int LAST_VARIANT = FLOAT_AMAX;
+// ITEMS: the previous kernel (items of 8 on lane pairs); FLAT2: two blocks per thread and trip;
+// OLD_E2M1: the flat kernel with e2m1x8_magnitudes. Timing only (not bit-exact): NO_SF skips the
+// per-block scale byte stores, READ_ONLY every store (loads, amax and scales only), NOOP launches an
+// empty kernel.
+enum Variant { AUTO = 0, PLAIN = 1, FORCE_SMEM = 2, FORCE_GLOBAL = 3, MEMSET = 4, FLOAT_AMAX = 5, ITEMS = 6, FLAT2 = 7,
+               OLD_E2M1 = 8, NO_SF = 9, NOOP = 10, READ_ONLY = 11 };
+constexpr int LAST_VARIANT = READ_ONLY;
+enum Mode { MODE_FULL = 0, MODE_NO_SF = 1, MODE_READ_ONLY = 2 }; // the flat kernel's timing-only modes
 
 #define FAIL(status, ...)              \
   do {                                 \
@@ -160,11 +168,20 @@ struct RegLookup {
   // Every lane of the warp calls it, and only when one of them left its expert's rows.
   __device__ __forceinline__ void update(Expert &ex, bool valid, int r) const {
     if (!__any_sync(FULL, valid && r >= ex.end)) return;
+    // Rows grow along the lanes. Where the warp holds at most two rows (r0, r1), e = the number of
+    // experts ending at or before the row (empty ones included; lanes past E end at M > r), two
+    // ballots; else a binary search over the lanes' first rows. An invalid lane's e is unused.
+    const int r0 = __shfl_sync(FULL, r, 0), r1 = __shfl_sync(FULL, r, 31);
     int e = 0;
+    if (r1 - r0 <= 1) {
+      const unsigned b0 = __ballot_sync(FULL, hi <= r0), b1 = __ballot_sync(FULL, hi <= r1);
+      e = min(__popc(r == r0 ? b0 : b1), 31);
+    } else {
 #pragma unroll
-    for (int s = 16; s; s >>= 1) {
-      const int c = e + s, start = __shfl_sync(FULL, lo, c);
-      if (c < E && start <= r) e = c;
+      for (int s = 16; s; s >>= 1) {
+        const int c = e + s, start = __shfl_sync(FULL, lo, c);
+        if (c < E && start <= r) e = c;
+      }
     }
     ex = {__shfl_sync(FULL, lo, e), __shfl_sync(FULL, hi, e), __shfl_sync(FULL, base, e), __shfl_sync(FULL, gs, e),
           __shfl_sync(FULL, inv_gs, e)};
@@ -393,6 +410,37 @@ __device__ __forceinline__ int64_t tail_units(const Args &a, bool ok, int total)
   return (ok ? (int64_t)a.E * a.ktiles * 32 : 0) + ((a.sf_bytes - tail) >> 4) + (((a.sf_bytes - tail) & 15) >> 2);
 }
 
+// ---- the kernels' common prologue: the expert offsets checked, the scale bases built ----
+
+// Every thread of the block calls it; returns whether the offsets are valid, *total = the scale rows
+// of all experts' tiles. Raises the flag for invalid offsets (block 0; the planning kernel for GLOBAL).
+template <int LOOKUP>
+__device__ __forceinline__ bool setup_lookup(const Args &a, int *smem, RegLookup &reg, TableLookup &tab, int &total) {
+  bool ok;
+  if (LOOKUP == REG) {
+    reg.setup(a);
+    ok = reg.ok, total = reg.total;
+  } else {
+    if (LOOKUP == SMEM) {
+      int *s_off = smem, *s_base = smem + a.E + 1;
+      for (int e = threadIdx.x; e <= a.E; e += blockDim.x) s_off[e] = a.off[e];
+      __syncthreads();
+      ok = plan_block(s_off, a.E, a.M, s_base);
+      __syncthreads(); // s_base complete
+      tab.off = s_off, tab.base = s_base;
+    } else {
+      ok = *a.ws_ok != 0;
+      tab.off = a.off, tab.base = a.ws_base;
+    }
+    tab.gscale = a.gscale, tab.E = a.E;
+    total = ok ? tab.base[a.E] : 0;
+    tab.total = total;
+  }
+  if (LOOKUP != GLOBAL && !ok && blockIdx.x == 0 && threadIdx.x == 0 && a.error_flags)
+    atomicOr(a.error_flags, MOEFFI_ERROR_EXPERT_OFFSETS);
+  return ok;
+}
+
 // ---- the fast kernel ----
 
 template <int LOOKUP, bool SILU, bool PACKED> static __global__ void __launch_bounds__(THREADS, 4) nvfp4_kernel(const Args a) {
@@ -430,29 +478,8 @@ template <int LOOKUP, bool SILU, bool PACKED> static __global__ void __launch_bo
 
   RegLookup reg;
   TableLookup tab;
-  bool ok;
   int total;
-  if (LOOKUP == REG) {
-    reg.setup(a);
-    ok = reg.ok, total = reg.total;
-  } else {
-    if (LOOKUP == SMEM) {
-      int *s_off = smem, *s_base = smem + a.E + 1;
-      for (int e = threadIdx.x; e <= a.E; e += blockDim.x) s_off[e] = a.off[e];
-      __syncthreads();
-      ok = plan_block(s_off, a.E, a.M, s_base);
-      __syncthreads(); // s_base complete
-      tab.off = s_off, tab.base = s_base;
-    } else {
-      ok = *a.ws_ok != 0;
-      tab.off = a.off, tab.base = a.ws_base;
-    }
-    tab.gscale = a.gscale, tab.E = a.E;
-    total = ok ? tab.base[a.E] : 0;
-    tab.total = total;
-  }
-  if (LOOKUP != GLOBAL && !ok && blockIdx.x == 0 && threadIdx.x == 0 && a.error_flags)
-    atomicOr(a.error_flags, MOEFFI_ERROR_EXPERT_OFFSETS);
+  const bool ok = setup_lookup<LOOKUP>(a, smem, reg, tab, total);
 
   if (ok) {
     Expert ex[U];
@@ -489,6 +516,172 @@ template <int LOOKUP, bool SILU, bool PACKED> static __global__ void __launch_bo
     else zero_unit(a, tab, ok, (uint32_t)(w + lane), units);
   }
 }
+
+// ---- the flat kernel: one whole 16-element scale block per thread and stream ----
+//
+// The grid-stride loop runs over scale blocks b = r * nblk + c (nblk = cols / 16) in 32 bits: a thread
+// loads the block's 32 contiguous bytes (the silu op: 32 of the gate, 32 of the up half), computes its
+// amax, scale and 16 codes with no shuffle, and stores 8 bytes of codes at out + 8 b and the scale byte.
+// Its (r, c) advance by the stride without dividing; the input and output addresses follow b.
+
+template <bool SILU> struct Blk {
+  uint4 v[SILU ? 4 : 2]; // quant: the 16 bf16; silu: gate (v[0], v[1]) then up (v[2], v[3])
+};
+
+struct At {
+  int r;       // row
+  uint32_t c;  // scale column (16-element block) in the row
+  uint32_t b;  // r * nblk + c
+};
+
+template <bool SILU> __device__ __forceinline__ void load_block(const Args &a, const At &p, Blk<SILU> &k) {
+  if (SILU) {
+    const uint4 *g = (const uint4 *)a.x + ((int64_t)p.r * (2 * a.ipr) + 2 * p.c);
+    k.v[0] = __ldcs(g), k.v[1] = __ldcs(g + 1);
+    k.v[SILU ? 2 : 0] = __ldcs(g + a.ipr), k.v[SILU ? 3 : 1] = __ldcs(g + a.ipr + 1);
+  } else {
+    const uint4 *g = (const uint4 *)a.x + 2 * (uint64_t)p.b;
+    k.v[0] = __ldcs(g), k.v[1] = __ldcs(g + 1);
+  }
+}
+
+// The 8 codes of 8 bf16 (one 16-byte word) at scale `scale`, packed a nibble each. MIN3: the e2m1
+// magnitudes by e2m1x8_codes (min of three rounded pieces), else by e2m1x8_magnitudes.
+template <bool MIN3> __device__ __forceinline__ uint32_t codes8(const uint4 &h, float scale) {
+  float v[8], x[8];
+  unpack8(h, v);
+#pragma unroll
+  for (int k = 0; k < 8; k++) x[k] = mul_rn(v[k], scale);
+  return bf16x8_sign_nibbles(h.x, h.y, h.z, h.w) | (MIN3 ? e2m1x8_codes(x) : e2m1x8_magnitudes(x));
+}
+
+// max(|a|, |b|) per bf16 half, up to the sign bits: max.xorsign.abs (sm_86+) takes the magnitudes
+// itself (the sign it returns is the xor of the inputs', cleared by the caller); a NaN loses to a
+// number as in max.bf16x2 (maxNum), and two NaN give NaN.
+__device__ __forceinline__ uint32_t bf16x2_absmax(uint32_t a, uint32_t b) {
+  uint32_t d;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 860
+  asm("max.xorsign.abs.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#else
+  asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a & 0x7FFF7FFFu), "r"(b & 0x7FFF7FFFu));
+#endif
+  return d;
+}
+
+template <bool SILU, bool MIN3, int MODE>
+__device__ __forceinline__ void quant_block(const Args &a, const At &p, const Blk<SILU> &k, const Expert &ex) {
+  uint4 h[2];
+  if (SILU) {
+    float v[8];
+#pragma unroll
+    for (int q = 0; q < 2; q++) h[q] = item_values<true>(Raw<true>{{k.v[q], k.v[SILU ? q + 2 : 0]}}, v);
+  } else {
+    h[0] = k.v[0], h[1] = k.v[1];
+  }
+  float amax;
+  if (MIN3) { // the magnitudes by max.xorsign.abs; the halves' signs cleared by fabsf (a NaN half loses)
+    const uint32_t x = bf16x2_absmax(bf16x2_absmax(bf16x2_absmax(h[0].x, h[0].y), bf16x2_absmax(h[0].z, h[0].w)),
+                                     bf16x2_absmax(bf16x2_absmax(h[1].x, h[1].y), bf16x2_absmax(h[1].z, h[1].w)));
+    amax = fmaxf(fmaxf(fabsf(float_of(x << 16)), fabsf(float_of(x & 0xFFFF0000u))), 0.0f);
+  } else {
+    const uint32_t m = 0x7FFF7FFFu;
+    const uint32_t x = bf16x2_max(bf16x2_max(bf16x2_max(h[0].x & m, h[0].y & m), bf16x2_max(h[0].z & m, h[0].w & m)),
+                                  bf16x2_max(bf16x2_max(h[1].x & m, h[1].y & m), bf16x2_max(h[1].z & m, h[1].w & m)));
+    amax = fmaxf(fmaxf(float_of(x << 16), float_of(x & 0xFFFF0000u)), 0.0f);
+  }
+  float scale;
+  const uint8_t code = block_scale(amax, ex, scale);
+  if (MODE == MODE_READ_ONLY) { // never true (amax is a number): keeps the loads and the scale live
+    if (code == 0xFFu && scale == 1.0f) a.out[p.b] = code;
+    return;
+  }
+  __stcs((uint2 *)a.out + p.b, make_uint2(codes8<MIN3>(h[0], scale), codes8<MIN3>(h[1], scale)));
+  if (MODE == MODE_FULL) store_scale(a, ex, {p.r, (int)(2 * p.c)}, code);
+}
+
+// U blocks per thread per trip; PREFETCH: the next trip's loads go out before this trip's work.
+template <int LOOKUP, bool SILU, int U, bool PREFETCH, int MINB, bool MIN3, int MODE>
+static __global__ void __launch_bounds__(THREADS, MINB) nvfp4_flat_kernel(const Args a) {
+  extern __shared__ int smem[];
+  const int lane = threadIdx.x & 31;
+  const uint32_t nblk = (uint32_t)a.ipr >> 1, stride = gridDim.x * blockDim.x;
+  const uint32_t first = blockIdx.x * blockDim.x + threadIdx.x;
+  const int stride_r = (int)(stride / nblk);
+  const uint32_t stride_c = stride % nblk;
+  At at = {(int)(first / nblk), first % nblk, first};
+  auto advance = [&](At &q) {
+    q.b += stride, q.r += stride_r, q.c += stride_c;
+    if (q.c >= nblk) q.c -= nblk, q.r++;
+  };
+  At pos[U];
+  Blk<SILU> cur[U];
+  if (PREFETCH) { // the first trip's loads go out before the offsets are read
+#pragma unroll
+    for (int s = 0; s < U; s++) {
+      pos[s] = at;
+      if (at.r < a.rows) load_block<SILU>(a, at, cur[s]);
+      advance(at);
+    }
+  }
+
+  RegLookup reg;
+  TableLookup tab;
+  int total;
+  const bool ok = setup_lookup<LOOKUP>(a, smem, reg, tab, total);
+
+  if (ok) {
+    Expert ex[U];
+    int ei[U];
+#pragma unroll
+    for (int s = 0; s < U; s++) ex[s] = NO_EXPERT, ei[s] = 0;
+    // warp-uniform trips (the register lookup's shuffles need the whole warp): w = stream 0's block of
+    // the warp's lane 0; the host keeps nb + (U + 1) * stride below 2^32
+    const uint32_t nb = (uint32_t)(a.items >> 1);
+    for (uint32_t w = first - lane; w < nb; w += U * stride) {
+      if (!PREFETCH) {
+#pragma unroll
+        for (int s = 0; s < U; s++) {
+          pos[s] = at;
+          if (at.r < a.rows) load_block<SILU>(a, at, cur[s]);
+          advance(at);
+        }
+      }
+      Blk<SILU> next[U];
+      At npos[U];
+      if (PREFETCH) {
+#pragma unroll
+        for (int s = 0; s < U; s++) {
+          npos[s] = at;
+          if (at.r < a.rows) load_block<SILU>(a, at, next[s]);
+          advance(at);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < U; s++) {
+        const bool valid = pos[s].r < a.rows;
+        if (LOOKUP == REG) reg.update(ex[s], valid, pos[s].r);
+        else tab.update(ex[s], ei[s], valid, pos[s].r);
+        if (valid) quant_block<SILU, MIN3, MODE>(a, pos[s], cur[s], ex[s]);
+      }
+      if (PREFETCH) {
+#pragma unroll
+        for (int s = 0; s < U; s++) cur[s] = next[s], pos[s] = npos[s];
+      }
+    }
+  }
+
+  // Padding and tail of the scale buffer (all of it when the offsets are invalid). The units start
+  // at the warp after the last block's (mod stride), so where the grid covers blocks and units in
+  // one pass (small problems) no thread does both: unit u goes to the warp nbw + u (mod stride).
+  const uint32_t units = (uint32_t)tail_units(a, ok, total), nbw = (((uint32_t)(a.items >> 1) + 31u) & ~31u) % stride;
+  const uint32_t warp_first = first - lane, z0 = warp_first >= nbw ? warp_first - nbw : warp_first + stride - nbw;
+  for (uint32_t w = z0; MODE != MODE_READ_ONLY && w < units; w += stride) {
+    if (LOOKUP == REG) zero_unit(a, reg, ok, w + lane, units);
+    else zero_unit(a, tab, ok, w + lane, units);
+  }
+}
+
+static __global__ void nvfp4_noop_kernel(const Args a) { (void)a; }
 
 // One block: checks the offsets into *ws_ok (raising the flag when bad) and writes ws_base[0..E].
 static __global__ void __launch_bounds__(PLAN_THREADS) nvfp4_plan_kernel(const Args a) {
@@ -628,7 +821,53 @@ template <bool SILU, bool PACKED> cudaError_t launch_packed(const Args &a, int l
   }
 }
 
+// The flat kernel (one scale block per thread and stream): one thread per block and per zeroing unit
+// up to what is resident at once.
+template <int LOOKUP, bool SILU, int U, bool PF, int MINB, bool MIN3, int MODE>
+cudaError_t launch_flat(const Args &a, int device, cudaStream_t s) {
+  const auto kernel = nvfp4_flat_kernel<LOOKUP, SILU, U, PF, MINB, MIN3, MODE>;
+  const size_t smem = LOOKUP == SMEM ? (size_t)(2 * a.E + 2) * sizeof(int) : 0;
+  const int64_t work = ceil_div(ceil_div(a.items / 2, U), 32) * 32 + zero_units(a.E, a.ktiles, a.sf_bytes);
+  int grid, threads;
+  launch_shape((const void *)kernel, work, device, smem, &grid, &threads);
+  if (LOOKUP == GLOBAL) nvfp4_plan_kernel<<<1, PLAN_THREADS, 0, s>>>(a);
+  kernel<<<grid, threads, smem, s>>>(a);
+  return cudaGetLastError();
+}
+
+template <bool SILU, int U, bool PF, int MINB, bool MIN3 = true, int MODE = MODE_FULL>
+cudaError_t launch_flat_lookup(const Args &a, int lookup, int device, cudaStream_t s) {
+  switch (lookup) {
+  case REG: return launch_flat<REG, SILU, U, PF, MINB, MIN3, MODE>(a, device, s);
+  case SMEM: return launch_flat<SMEM, SILU, U, PF, MINB, MIN3, MODE>(a, device, s);
+  default: return launch_flat<GLOBAL, SILU, U, PF, MINB, MIN3, MODE>(a, device, s);
+  }
+}
+
+// Whether the flat kernel's 32-bit block indices hold: nb + (U + 1) * stride < 2^32 with the largest
+// grid (a generous bound: 2^24 threads), and 8-byte code stores.
+bool flat_fits(const Args &a) { return a.items / 2 + 3 * ((int64_t)1 << 24) < ((int64_t)1 << 32) && (uintptr_t)a.out % 8 == 0; }
+
 template <bool SILU> cudaError_t launch_lookup(const Args &a, int lookup, int variant, int device, cudaStream_t s) {
+  if (variant == NOOP) {
+    nvfp4_noop_kernel<<<1, 32, 0, s>>>(a);
+    return cudaGetLastError();
+  }
+  if (variant != ITEMS && variant != FLOAT_AMAX && flat_fits(a)) {
+    // one block per thread and trip, loaded a trip ahead; 48 registers (quant: 5 blocks of 256 per SM)
+    // and 80 for the silu op (its SiLU spills below that)
+    constexpr int MINB = SILU ? 3 : 5;
+    switch (variant) {
+    case FLAT2: return launch_flat_lookup<SILU, 2, true, 3>(a, lookup, device, s);
+    case OLD_E2M1: return launch_flat_lookup<SILU, 1, true, MINB, false>(a, lookup, device, s);
+    case NO_SF: if constexpr (!SILU) return launch_flat_lookup<SILU, 1, true, MINB, true, MODE_NO_SF>(a, lookup, device, s);
+      break;
+    case READ_ONLY: if constexpr (!SILU) return launch_flat_lookup<SILU, 1, true, MINB, true, MODE_READ_ONLY>(a, lookup, device, s);
+      break;
+    default: break;
+    }
+    return launch_flat_lookup<SILU, 1, true, MINB>(a, lookup, device, s);
+  }
   return variant == FLOAT_AMAX ? launch_packed<SILU, !packed_amax<SILU>()>(a, lookup, device, s)
                                : launch_packed<SILU, packed_amax<SILU>()>(a, lookup, device, s);
 }
@@ -740,10 +979,12 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
 
 /* Benchmark entry (not part of moeffi.h; bench/nvfp4.ts binds it): moeffi_run with a forced variant.
  * 0 auto (= moeffi_run), 1 plain (memset, planning kernel, one row per block, global binary search),
- * 2 grid-stride with the shared-memory lookup, 3 grid-stride with the planning kernel and the global
- * lookup, 4 auto after a memset of the whole scale buffer, 5 auto with the other block-amax form (quant:
- * from unpacked floats, the kernel before the packed bf16 amax; silu: from the packed bf16 words). Variants 1 and 3 need a workspace of at
- * least 16 + 4 (E + 1) bytes. */
+ * 2 auto with the shared-memory lookup, 3 auto with the planning kernel and the global lookup, 4 auto
+ * after a memset of the whole scale buffer, 5 the previous (items) kernel with the other block-amax form
+ * (quant: from unpacked floats; silu: from the packed bf16 words), 6 the previous kernel, 7 the flat
+ * kernel with two blocks per thread and trip, 8 the flat kernel with e2m1x8_magnitudes. Timing only,
+ * not bit-exact (quant op; the silu op runs auto): 9 no per-block scale byte stores, 10 an empty
+ * kernel, 11 no stores at all. Variants 1 and 3 need a workspace of at least 16 + 4 (E + 1) bytes. */
 MOEFFI_API int32_t moeffi_nvfp4_variant_run(const moeffi_problem *problem, const moeffi_tensors *tensors, uint32_t variant,
                                             char *message, uint32_t capacity) {
   if (variant > LAST_VARIANT) {
