@@ -8,6 +8,7 @@
 
 #include "moeffi.h"
 #include "numerics.cuh"
+#include "pdl.cuh"
 
 namespace moeffi {
 
@@ -99,6 +100,8 @@ template <class Rows> __device__ float row_amax(const Rows &rows, int64_t r, int
 template <class Rows>
 static __global__ void __launch_bounds__(QUANT_THREADS)
     quantize_rows_kernel(Rows rows, int64_t len, ActScheme sch, uint8_t *q, float *scales) {
+  pdl_wait(); // the rows come from the previous kernel (when launched with launch_pdl)
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   if (!rows.exists(r)) return;
   uint8_t *qr = q + r * len;
@@ -138,6 +141,8 @@ template <int T, int J, class Rows>
 static __global__ void __launch_bounds__(T)
     quantize_rows_vec_kernel(Rows rows, int64_t len, uint32_t act, uint8_t *q, float *scales) {
   __shared__ float part[T / 32];
+  pdl_wait(); // the rows come from the previous kernel (when launched with launch_pdl)
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   if (!rows.exists(r)) return;
   const int t = threadIdx.x, lane = t % 32;
@@ -193,18 +198,19 @@ static __global__ void __launch_bounds__(T)
 // Quantizes rows [0, count) (those that exist) under a dynamic per-token or 1x128 scheme with the
 // register kernel when the row fits (len % 4 == 0, len <= 16384), else with the looping one. Blocks
 // of 256 threads up to 8192 elements (many small blocks overlap one another's load and reduction
-// phases; 1024-thread blocks were 2.5x slower on 7168-wide rows, NOTES.md), 512 above.
+// phases; 1024-thread blocks were 2.5x slower on 7168-wide rows, NOTES.md), 512 above. With pdl the
+// launch may overlap the end of the previous kernel (pdl.cuh).
 template <class Rows>
 void launch_quantize_rows(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
-                          cudaStream_t s) {
-  const unsigned grid = (unsigned)count;
-  if (len % 4 || len > 16384) {
-    quantize_rows_kernel<<<grid, QUANT_THREADS, 0, s>>>(rows, len, ActScheme{act, nullptr, nullptr}, q, scales);
-  } else if (len <= 1024) quantize_rows_vec_kernel<256, 1><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
-  else if (len <= 2048) quantize_rows_vec_kernel<256, 2><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
-  else if (len <= 4096) quantize_rows_vec_kernel<256, 4><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
-  else if (len <= 8192) quantize_rows_vec_kernel<256, 8><<<grid, 256, 0, s>>>(rows, len, act, q, scales);
-  else quantize_rows_vec_kernel<512, 8><<<grid, 512, 0, s>>>(rows, len, act, q, scales);
+                          cudaStream_t s, bool pdl = false) {
+  const dim3 grid((unsigned)count);
+  if (len % 4 || len > 16384)
+    launch_pdl(pdl, quantize_rows_kernel<Rows>, grid, QUANT_THREADS, 0, s, rows, len, ActScheme{act, nullptr, nullptr}, q, scales);
+  else if (len <= 1024) launch_pdl(pdl, quantize_rows_vec_kernel<256, 1, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
+  else if (len <= 2048) launch_pdl(pdl, quantize_rows_vec_kernel<256, 2, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
+  else if (len <= 4096) launch_pdl(pdl, quantize_rows_vec_kernel<256, 4, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
+  else if (len <= 8192) launch_pdl(pdl, quantize_rows_vec_kernel<256, 8, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
+  else launch_pdl(pdl, quantize_rows_vec_kernel<512, 8, Rows>, grid, 512, 0, s, rows, len, act, q, scales);
 }
 
 } // namespace moeffi

@@ -12,6 +12,7 @@
 
 #include "moeffi.h"
 #include "numerics.cuh"
+#include "pdl.cuh"
 
 namespace moeffi {
 
@@ -199,6 +200,8 @@ static __global__ void __launch_bounds__(256) combine_kernel(const float *y, con
 static __global__ void __launch_bounds__(256) combine4_kernel(const float *y, int splits, int64_t stride, const int *inv,
                                                               const float *w, int64_t tokens, int topk, int64_t K,
                                                               uint16_t *out) {
+  pdl_wait(); // y comes from the previous kernel (when launched with launch_pdl)
+  pdl_trigger();
   const int64_t quads = tokens * K / 4;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < quads; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t t = 4 * i / K, c = 4 * i % K;
