@@ -144,16 +144,17 @@ __device__ __forceinline__ int deinterleave(int c, int n) {
   return c % 64 < 32 ? (c / 64) * 32 + c % 64 : n + (c / 64) * 32 + c % 64 - 32;
 }
 
-// Stores columns col, col + 1 of a row (col even; nout is even).
-__device__ __forceinline__ void store_pair(const GemmArgs &g, int64_t row, int col, float v0, float v1) {
-  const int64_t o = row * g.nout + col;
-  if (g.out) {
-    *(float2 *)(g.out + o) = make_float2(v0, v1);
-    return;
-  }
-  if (g.bias) v0 = add_rn(v0, bf16_to_f32(g.bias[col])), v1 = add_rn(v1, bf16_to_f32(g.bias[col + 1]));
-  *(uint32_t *)(g.out_bf16 + o) = (uint32_t)f32_to_bf16(v0) | ((uint32_t)f32_to_bf16(v1) << 16);
+// The bf16 pair (a in the low half) rounded to nearest even by the hardware; a NaN as f32_to_bf16
+// gives it (the instruction's canonical NaN drops the sign).
+__device__ __forceinline__ uint32_t bf16x2_rn(float a, float b) {
+  if (a != a || b != b) return (uint32_t)f32_to_bf16(a) | ((uint32_t)f32_to_bf16(b) << 16);
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  return r;
 }
+// h = silu(g) * u with the fast exponential and reciprocal (about 2 ulp): the epilogue runs while the
+// tensor cores wait, and h is quantized to fp8 next (the exact form cost most of the fusion's gain).
+__device__ __forceinline__ float silu_mul_fast(float g, float u) { return __fdividef(g, 1.0f + __expf(-g)) * u; }
 __device__ __forceinline__ void store_one(const GemmArgs &g, int64_t row, int col, float v, int64_t split_offset = 0) {
   const int64_t o = row * g.nout + col;
   if (g.out) g.out[split_offset + o] = v;
@@ -220,7 +221,7 @@ __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorM
 // (group/block scales of kb) in fp32 - the partial sum of one block is the tensor core's (about
 // 14-bit exact, NOTES.md), the sum over blocks is fp32. Rows past the expert's end (the next
 // expert's rows or TMA zero fill) and columns past nout are computed but never stored.
-template <int BN>
+template <int BN, bool KSCALED> // KSCALED: K-dependent scales (1x128 activation groups or 128x128 weight blocks)
 __global__ void __launch_bounds__(GEMM_THREADS, 1)
     grouped_gemm_sm90(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap, const GemmArgs g) {
 #ifdef MOEFFI_SM90A
@@ -228,6 +229,7 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   constexpr int STAGES = wide_stages<BN>(), R = BN / 2; // R accumulator registers per thread
   constexpr uint32_t STAGE_BYTES = wide_stage_bytes<BN>();
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+  __shared__ __align__(16) float2 colv[CONSUMERS][2][BN]; // epilogue (weight scale, bias) per column, 2 buffers
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
 
@@ -269,9 +271,10 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   }
   regs_inc<232>();
 
-  const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32;
+  const int c = wg - 1, ct = tid % 128, warp = ct / 32, lane = tid % 32;
   const bool grp = g.a_ng > 1, blk = g.wscheme == MOEFFI_W_BLOCK_128;
-  int it = 0;
+  const uint64_t desc0 = desc_k128_sw128(smem); // stage s: A rows of consumer c, then B, by adding offsets >> 4
+  int it = 0, parity = 0;
   for (int tile = blockIdx.x; tile < mt * nt; tile += gridDim.x) {
     int tm, tn;
     tile_order(tile, mt, nt, g.group_m, &tm, &tn);
@@ -285,6 +288,22 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     // weight blocks of block scales: columns before n0 + jb * 8 are in block n0 / 128, the rest in the next
     const int wb = n0 / QBLK, jb = (QBLK - n0 % QBLK) / 8;
     const bool wb1 = (int64_t)(wb + 1) * QBLK < g.nout;
+    // The epilogue's K-independent factors: row scales of r0, r1, and (weight scale, bias) of columns
+    // n0 + ct and n0 + 128 + ct, which go through shared memory to the threads that hold those columns.
+    // Without K-dependent scales they are requested before the main loop, which hides their latency
+    // (with them, registers are short and these are mostly 1: after it).
+    float ea0, ea1, cw[2], cb[2];
+    auto epilogue_factors = [&]() {
+      ea0 = grp || !ok0 ? 1.0f : g.as[(int64_t)r0 * g.a_ng], ea1 = grp || !ok1 ? 1.0f : g.as[(int64_t)r1 * g.a_ng];
+#pragma unroll
+      for (int q = 0; q < 2; q++) {
+        const int col = n0 + ct + 128 * q;
+        const bool in = ct + 128 * q < BN && col < g.nout;
+        cw[q] = blk || !in ? 1.0f : ws[g.wscheme == MOEFFI_W_PER_CHANNEL ? col : 0];
+        cb[q] = g.bias && in ? bf16_to_f32(g.bias[col]) : 0.0f;
+      }
+    };
+    if (!KSCALED) epilogue_factors();
     float part[R], acc[R];
 #pragma unroll
     for (int i = 0; i < R; i++) part[i] = 0.0f, acc[i] = 0.0f;
@@ -301,8 +320,7 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     };
     // four wgmma k32 of stage s into p (a fresh partial tile), committed as one group
     auto issue = [&](float (&p)[R], int s) {
-      const uint8_t *a = smem + (size_t)s * STAGE_BYTES + c * 64 * BK, *b = smem + (size_t)s * STAGE_BYTES + A_STAGE;
-      const uint64_t da = desc_k128_sw128(a), db = desc_k128_sw128(b);
+      const uint64_t da = desc0 + ((s * STAGE_BYTES + c * 64 * BK) >> 4), db = desc0 + ((s * STAGE_BYTES + A_STAGE) >> 4);
       fence_operands(p);
       wgmma_fence();
 #pragma unroll
@@ -312,7 +330,7 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     // acc += p * (its block's scales): one FMA per element, or a plain add without K-dependent scales
     auto promote = [&](float (&p)[R], const float (&f)[4]) {
       fence_operands(p);
-      if (grp || blk) {
+      if (KSCALED) {
 #pragma unroll
         for (int i = 0; i < R; i++) {
           const bool second = i / 4 >= jb;
@@ -334,54 +352,67 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     float f[4];
     for (int kb = 0; kb < g.nkb; kb++, it++) {
       const int s = it % STAGES;
-      scales(kb, f);
+      if (KSCALED) scales(kb, f);
       mbar_wait(&full[s], (it / STAGES) & 1);
       if (active) issue(part, s), wgmma_wait0();
       release(s);
       if (active) promote(part, f);
     }
     if (!active) continue;
+    if (KSCALED) epilogue_factors();
 
-    // epilogue: the per-row and per-column scales that do not depend on K, in place
-    const float ea0 = grp ? 1.0f : (ok0 ? g.as[(int64_t)r0 * g.a_ng] : 0.0f);
-    const float ea1 = grp ? 1.0f : (ok1 ? g.as[(int64_t)r1 * g.a_ng] : 0.0f);
+    // epilogue: this warpgroup's column factors through shared memory, in two buffers used by turns, so
+    // one barrier suffices: a warp writes a buffer again only after every warp passed the barrier that
+    // followed its last reads
+    float2 *cv = colv[c][parity];
+    parity ^= 1;
+    cv[ct] = make_float2(cw[0], cb[0]);
+    if (ct + 128 < BN) cv[ct + 128] = make_float2(cw[1], cb[1]);
+    named_barrier_sync(1 + c, 128);
+    const bool full_width = n0 + BN <= g.nout; // else only columns below nout exist (nout is even)
 #pragma unroll
     for (int j = 0; j < BN / 8; j++) {
-      const int col = n0 + 8 * j + 2 * (lane % 4); // nout is even, so col < nout covers col + 1
-      if (col >= g.nout) continue;
-      float w0 = 1.0f, w1 = 1.0f;
-      if (!blk) {
-        w0 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col] : ws[0];
-        w1 = g.wscheme == MOEFFI_W_PER_CHANNEL ? ws[col + 1] : ws[0];
+      const int lc = 8 * j + 2 * (lane % 4);
+      const float4 w = *(const float4 *)&cv[lc]; // (scale, bias) of columns lc, lc + 1
+      if (!(grp && blk)) { // factors of 1 where a scale is K-dependent (exact)
+        acc[4 * j] = mul_rn(mul_rn(acc[4 * j], ea0), w.x), acc[4 * j + 1] = mul_rn(mul_rn(acc[4 * j + 1], ea0), w.z);
+        acc[4 * j + 2] = mul_rn(mul_rn(acc[4 * j + 2], ea1), w.x), acc[4 * j + 3] = mul_rn(mul_rn(acc[4 * j + 3], ea1), w.z);
       }
-      if (!grp) acc[4 * j] = mul_rn(acc[4 * j], ea0), acc[4 * j + 1] = mul_rn(acc[4 * j + 1], ea0);
-      if (!grp) acc[4 * j + 2] = mul_rn(acc[4 * j + 2], ea1), acc[4 * j + 3] = mul_rn(acc[4 * j + 3], ea1);
-      if (!blk) acc[4 * j] = mul_rn(acc[4 * j], w0), acc[4 * j + 1] = mul_rn(acc[4 * j + 1], w1);
-      if (!blk) acc[4 * j + 2] = mul_rn(acc[4 * j + 2], w0), acc[4 * j + 3] = mul_rn(acc[4 * j + 3], w1);
+      if (g.bias) {
+        acc[4 * j] = add_rn(acc[4 * j], w.y), acc[4 * j + 1] = add_rn(acc[4 * j + 1], w.w);
+        acc[4 * j + 2] = add_rn(acc[4 * j + 2], w.y), acc[4 * j + 3] = add_rn(acc[4 * j + 3], w.w);
+      }
     }
     if (g.silu) { // gate/up interleaved by 32 (prepare): slab j (gate) and j + 4 (up) are this thread's
       const int hn = g.nout / 2;
+      float *h0 = g.out + (int64_t)r0 * hn, *h1 = g.out + (int64_t)r1 * hn;
 #pragma unroll
       for (int j = 0; j < BN / 8; j++) {
         const int col = n0 + 8 * j + 2 * (lane % 4), hcol = (col / 64) * 32 + col % 64;
-        if (j % 8 >= 4 || col >= g.nout) continue;
-        if (ok0) {
-          *(float2 *)(g.out + (int64_t)r0 * hn + hcol) =
-              make_float2(silu_mul(acc[4 * j], acc[4 * j + 16]), silu_mul(acc[4 * j + 1], acc[4 * j + 17]));
-        }
-        if (ok1) {
-          *(float2 *)(g.out + (int64_t)r1 * hn + hcol) =
-              make_float2(silu_mul(acc[4 * j + 2], acc[4 * j + 18]), silu_mul(acc[4 * j + 3], acc[4 * j + 19]));
-        }
+        if (j % 8 >= 4 || (!full_width && col >= g.nout)) continue;
+        if (ok0) *(float2 *)(h0 + hcol) = make_float2(silu_mul_fast(acc[4 * j], acc[4 * j + 16]), silu_mul_fast(acc[4 * j + 1], acc[4 * j + 17]));
+        if (ok1) *(float2 *)(h1 + hcol) = make_float2(silu_mul_fast(acc[4 * j + 2], acc[4 * j + 18]), silu_mul_fast(acc[4 * j + 3], acc[4 * j + 19]));
       }
       continue;
     }
+    if (g.out) {
+      float *o0 = g.out + (int64_t)r0 * g.nout + n0, *o1 = g.out + (int64_t)r1 * g.nout + n0;
 #pragma unroll
-    for (int j = 0; j < BN / 8; j++) {
-      const int col = n0 + 8 * j + 2 * (lane % 4);
-      if (col >= g.nout) continue;
-      if (ok0) store_pair(g, r0, col, acc[4 * j], acc[4 * j + 1]);
-      if (ok1) store_pair(g, r1, col, acc[4 * j + 2], acc[4 * j + 3]);
+      for (int j = 0; j < BN / 8; j++) {
+        const int lc = 8 * j + 2 * (lane % 4);
+        if (!full_width && n0 + lc >= g.nout) continue;
+        if (ok0) *(float2 *)(o0 + lc) = make_float2(acc[4 * j], acc[4 * j + 1]);
+        if (ok1) *(float2 *)(o1 + lc) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+      }
+    } else {
+      uint16_t *o0 = g.out_bf16 + (int64_t)r0 * g.nout + n0, *o1 = g.out_bf16 + (int64_t)r1 * g.nout + n0;
+#pragma unroll
+      for (int j = 0; j < BN / 8; j++) {
+        const int lc = 8 * j + 2 * (lane % 4);
+        if (!full_width && n0 + lc >= g.nout) continue;
+        if (ok0) *(uint32_t *)(o0 + lc) = bf16x2_rn(acc[4 * j], acc[4 * j + 1]);
+        if (ok1) *(uint32_t *)(o1 + lc) = bf16x2_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      }
     }
   }
 #else
@@ -711,8 +742,10 @@ int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const Gemm
   const unsigned slots = (unsigned)(ceil_div(pc, rows) + std::min<int64_t>(g.experts, pc));
   if (!tok) { // persistent: at most one CTA per SM
     const unsigned tiles = slots * (unsigned)ceil_div(g.nout, bn), grid = std::min(tiles, (unsigned)sms);
-    if (bn == 192) launch_pdl(pdl, grouped_gemm_sm90<192>, grid, GEMM_THREADS, wide_smem<192>(), s, amap, bmap, g);
-    else launch_pdl(pdl, grouped_gemm_sm90<128>, grid, GEMM_THREADS, wide_smem<128>(), s, amap, bmap, g);
+    const bool kscaled = g.a_ng > 1 || g.wscheme == MOEFFI_W_BLOCK_128;
+    auto kernel = bn == 192 ? (kscaled ? grouped_gemm_sm90<192, true> : grouped_gemm_sm90<192, false>)
+                            : (kscaled ? grouped_gemm_sm90<128, true> : grouped_gemm_sm90<128, false>);
+    launch_pdl(pdl, kernel, grid, GEMM_THREADS, bn == 192 ? wide_smem<192>() : wide_smem<128>(), s, amap, bmap, g);
   }
   else {
     const dim3 grid(slots, (unsigned)ceil_div(g.nout, SWAP_ROWS), (unsigned)splits);
@@ -787,7 +820,7 @@ static __global__ void mm_grouping_kernel(int *offsets, int *tile_start, int row
 }
 
 // out = bf16(sum over the K splits, in split order, of the f32 partial sums (+ bias)): the end of an
-// fp8_scaled_mm whose GEMM split K (the same roundings as the GEMM's own bf16 epilogue, store_pair).
+// fp8_scaled_mm whose GEMM split K (the same roundings as the wide GEMM's own bf16 epilogue).
 static __global__ void __launch_bounds__(256) mm_reduce_kernel(const float *part, int splits, int64_t stride,
                                                                const uint16_t *bias, int64_t rows, int nout, uint16_t *out) {
   pdl_wait(); // the partial sums come from the previous kernel
@@ -850,7 +883,7 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  return moeffi_fill_manifest(out, "hopper_fp8", "0.3.0", "sm_90a", MOEFFI_DEVICE_CUDA,
+  return moeffi_fill_manifest(out, "hopper_fp8", "0.4.0", "sm_90a", MOEFFI_DEVICE_CUDA,
                               (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM),
                               MOEFFI_ALL_WEIGHT_SCALES,
                               (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
@@ -890,8 +923,10 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   uint64_t total = 0;
   const uint64_t o13 = take(&total, b13), os13 = take(&total, bs13), o2 = take(&total, b2), os2 = take(&total, bs2);
   MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
-  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<128>()));
-  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<192>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<192>()));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<128, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<128>()));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<128, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<128>()));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<192, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<192>()));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<192, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<192>()));
   set_swap_smem<8>(), set_swap_smem<16>(), set_swap_smem<32>(), set_swap_smem<64>();
   MOEFFI_CUDA_TRY(cudaGetLastError());
   // CUtensorMap is 64-byte aligned (alignas in cuda.h): calloc's alignment is not enough

@@ -327,6 +327,8 @@ def main():
     except Exception as e:  # the MoE peer still runs
         log(f"mm peer failed: {e}")
     res["peer"] = []
+    with open(args.out, "w") as f:  # the ceilings and mm peers alone (--presets "")
+        json.dump(res, f, indent=1)
     for p in presets:
         res["peer"] += bench_preset(p, ms, dev, reps, nsets=3)
         with open(args.out, "w") as f:  # rewrite after each preset so a crash keeps what was measured
