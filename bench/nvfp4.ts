@@ -4,8 +4,7 @@
 // plain (one row per block after a memset and a planning kernel), the shared-memory and the global
 // lookups forced, a memset of the whole scale buffer first, items (the previous kernel: items of 8 on
 // lane pairs) and famax (that kernel with the other block-amax form), flat2 (two scale blocks per
-// thread and trip), olde2m1 (the flat kernel with the previous e2m1 conversion), tile / flat (the tile or the flat
-// kernel wherever it applies: auto picks the tile kernel for K % 64 == 0 and M >= 64 E), and the timing-only
+// thread and trip), olde2m1 (the flat kernel with the previous e2m1 conversion), and the timing-only
 // nosf / readonly / noop (not bit-exact: no scale byte stores, no stores at all, an empty kernel).
 // Also the fused silu op at 65536 x 2048.
 // Time = median device time of 50 runs after 5 warm-ups (CUDA events); before each run a 256 MiB memset
@@ -13,7 +12,6 @@
 // most of the L2). GB/s = (bytes read + bytes written, the whole scale buffer included) / time.
 // Targets (issue 5): at least 85% of the copy bandwidth at 65536 x 7168; at most 5 us at 8 x 7168.
 // Writes bench/results/nvfp4-<gpu>.json and .md.        MOEFFI_BENCH_REPS=50
-// MOEFFI_NVFP4_VARIANTS=auto,flat,... runs only those variants of each case (auto always first).
 import { writeFileSync } from "node:fs";
 import { Context, fromBf16, tensor, toBf16 } from "../mod.ts";
 import { cString, encodeProblem, encodeTensors, type Problem, type TensorAddresses } from "../ffi/abi.ts";
@@ -21,19 +19,7 @@ import { runtime } from "../ffi/runtime.ts";
 import { nvfp4ScaleRows } from "../core/ops.ts";
 
 /** moeffi_nvfp4_variant_run's variants (backends/nvfp4/nvfp4.cu). */
-export const VARIANTS = {
-  auto: 0,
-  plain: 1,
-  smem: 2,
-  global: 3,
-  memset: 4,
-  famax: 5,
-  items: 6,
-  flat2: 7,
-  olde2m1: 8,
-  tile: 12,
-  flat: 13,
-} as const;
+export const VARIANTS = { auto: 0, plain: 1, smem: 2, global: 3, memset: 4, famax: 5, items: 6, flat2: 7, olde2m1: 8 } as const;
 /** Timing-only entries, not bit-exact (the quant op; the silu op runs auto): nosf skips the per-block scale
  * byte stores, readonly every store (loads, amax and block scales only), noop launches an empty kernel. */
 export const TIMING_ONLY = { nosf: 9, noop: 10, readonly: 11 } as const;
@@ -128,16 +114,15 @@ async function main() {
     return off;
   };
 
-  const only = process.env.MOEFFI_NVFP4_VARIANTS?.split(",").filter((v) => v) as Variant[] | undefined;
   const rows: Row[] = [];
-  const all = [
+  const cases = [
     {
       name: "quant 65536x7168 E=256",
       op: "nvfp4_experts_quant" as const,
       m: 65536,
       cols: 7168,
       experts: 256,
-      variants: ["auto", "flat", "items", "flat2", "olde2m1", "global", "plain", "memset", "nosf", "readonly"] as Variant[],
+      variants: ["auto", "items", "flat2", "olde2m1", "global", "plain", "memset", "nosf", "readonly"] as Variant[],
     },
     {
       name: "quant 8x7168 E=8",
@@ -145,7 +130,7 @@ async function main() {
       m: 8,
       cols: 7168,
       experts: 8,
-      variants: ["auto", "tile", "items", "flat2", "smem", "global", "plain", "memset", "noop"] as Variant[],
+      variants: ["auto", "items", "flat2", "smem", "global", "plain", "memset", "noop"] as Variant[],
     },
     {
       name: "silu 65536x2048 E=256",
@@ -153,13 +138,9 @@ async function main() {
       m: 65536,
       cols: 2048,
       experts: 256,
-      variants: ["auto", "flat", "items", "famax", "olde2m1", "plain"] as Variant[],
+      variants: ["auto", "items", "famax", "olde2m1", "plain"] as Variant[],
     },
   ];
-  const cases = all.map((c) => ({
-    ...c,
-    variants: only ? c.variants.filter((v) => v === "auto" || only.includes(v)) : c.variants,
-  }));
   for (const c of cases) {
     const silu = c.op === "nvfp4_silu_quant", inCols = silu ? 2 * c.cols : c.cols;
     const off = c.m === 8 ? Int32Array.from([0, 1, 1, 3, 4, 4, 7, 8, 8]) : counts(c.m, c.experts);
@@ -243,7 +224,7 @@ async function main() {
       targets.big_met ? "met" : "NOT met"
     }); 8 x 7168 in ${small.us} us (<= 5 us: ${targets.small_met ? "met" : "NOT met"}).`,
     "",
-    "Variants: auto = what moeffi_run does (the tile kernel for K % 64 == 0 and M >= 64 E: the loop over 128-row scale tiles, 8 warps per CTA writing whole 32-byte scale sectors through shared memory; else the flat kernel: one 16-element scale block per thread and trip, loaded a trip ahead; register lookup for E <= 32, shared memory up to 4096, global above); tile / flat = that kernel wherever it applies; plain = memset + planning kernel + one row per block; smem / global = auto with that lookup forced; memset = auto after a memset of the whole scale buffer; items = the previous kernel (items of 8 on lane pairs, two per lane per trip); famax = items with the other block-amax form; flat2 = two blocks per thread and trip; olde2m1 = auto with the previous e2m1 conversion; timing only, not bit-exact: nosf = auto without the per-block scale byte stores, readonly = auto without any store, noop = an empty kernel (the launch floor).",
+    "Variants: auto = what moeffi_run does (the flat kernel: one 16-element scale block per thread and trip, loaded a trip ahead; register lookup for E <= 32, shared memory up to 4096, global above); plain = memset + planning kernel + one row per block; smem / global = auto with that lookup forced; memset = auto after a memset of the whole scale buffer; items = the previous kernel (items of 8 on lane pairs, two per lane per trip); famax = items with the other block-amax form; flat2 = two blocks per thread and trip; olde2m1 = auto with the previous e2m1 conversion; timing only, not bit-exact: nosf = auto without the per-block scale byte stores, readonly = auto without any store, noop = an empty kernel (the launch floor).",
     "",
     "| case | variant | time (us) | spread | GB/s | of copy |",
     "|---|---|---|---|---|---|",

@@ -53,13 +53,12 @@ enum Lookup { REG = 0, SMEM = 1, GLOBAL = 2 };
 
 // Benchmark-only variants (moeffi_nvfp4_variant_run); 0 is what moeffi_run does.
 // ITEMS: the previous kernel (items of 8 on lane pairs); FLAT2: two blocks per thread and trip;
-// OLD_E2M1: the flat kernel with e2m1x8_magnitudes; TILE: the tile kernel wherever it applies (K % 64 == 0),
-// FLAT: the flat kernel wherever it applies (moeffi_run before the tile kernel). Timing only (not bit-exact): NO_SF skips the
+// OLD_E2M1: the flat kernel with e2m1x8_magnitudes. Timing only (not bit-exact): NO_SF skips the
 // per-block scale byte stores, READ_ONLY every store (loads, amax and scales only), NOOP launches an
 // empty kernel.
 enum Variant { AUTO = 0, PLAIN = 1, FORCE_SMEM = 2, FORCE_GLOBAL = 3, MEMSET = 4, FLOAT_AMAX = 5, ITEMS = 6, FLAT2 = 7,
-               OLD_E2M1 = 8, NO_SF = 9, NOOP = 10, READ_ONLY = 11, TILE = 12, FLAT = 13 };
-constexpr int LAST_VARIANT = FLAT;
+               OLD_E2M1 = 8, NO_SF = 9, NOOP = 10, READ_ONLY = 11 };
+constexpr int LAST_VARIANT = READ_ONLY;
 enum Mode { MODE_FULL = 0, MODE_NO_SF = 1, MODE_READ_ONLY = 2 }; // the flat kernel's timing-only modes
 
 #define FAIL(status, ...)              \
@@ -145,17 +144,9 @@ struct Expert {
 };
 constexpr Expert NO_EXPERT = {0, -1, 0, 1.0f, 1.0f}; // ends before every row: the next item looks up
 
-// What the tile kernel needs of the expert owning a scale row: its first row and row count, its
-// scale rows [base, send), global scale and 1/gs.
-struct TileEx {
-  int row0, rows, base, send;
-  float gs, inv_gs;
-};
-constexpr TileEx NO_TILE_EX = {0, 0, 0, -1, 1.0f, 1.0f}; // ends before every scale row
-
 // One expert per lane (E <= 32): every warp loads the offsets and scans them itself.
 struct RegLookup {
-  int lo, hi, base, send, total; // send: the scale row after expert lane's tiles
+  int lo, hi, base, total;
   float gs, inv_gs;
   bool ok;
   int E;
@@ -169,7 +160,7 @@ struct RegLookup {
     ok = !__any_sync(FULL, bad);
     const int rows = ok ? round128(hi - lo) : 0;
     const int incl = warp_inclusive_scan(rows, lane);
-    base = incl - rows, send = incl;
+    base = incl - rows;
     total = __shfl_sync(FULL, incl, 31);
     inv_gs = div_rn(1.0f, gs);
   }
@@ -194,14 +185,6 @@ struct RegLookup {
     }
     ex = {__shfl_sync(FULL, lo, e), __shfl_sync(FULL, hi, e), __shfl_sync(FULL, base, e), __shfl_sync(FULL, gs, e),
           __shfl_sync(FULL, inv_gs, e)};
-  }
-  // The tile kernel: the expert owning scale row s (s < total, the same in every lane; every lane
-  // calls it): the number of experts whose tiles end at or before s, one ballot.
-  __device__ __forceinline__ void tile_update(TileEx &ex, int s) const {
-    if (s < ex.send) return;
-    const int e = __popc(__ballot_sync(FULL, send <= s));
-    ex = {__shfl_sync(FULL, lo, e), __shfl_sync(FULL, hi - lo, e), __shfl_sync(FULL, base, e), __shfl_sync(FULL, send, e),
-          __shfl_sync(FULL, gs, e), __shfl_sync(FULL, inv_gs, e)};
   }
   // Rows of expert e (every lane calls it) and its first scale row.
   __device__ __forceinline__ void rows_of(int e, int &rows, int &first) const {
@@ -236,14 +219,6 @@ struct TableLookup {
     else e = search(off, min(e + 1, E - 1), E, r);           // empty ones: searched)
     const float gs = gscale[e];
     ex = {off[e], off[e + 1], base[e], gs, div_rn(1.0f, gs)};
-  }
-  // The tile kernel: the expert owning scale row s (s < total), a binary search over the bases
-  // (above the previous expert's: scale rows only grow).
-  __device__ __forceinline__ void tile_update(TileEx &ex, int &e, int s) const {
-    if (s < ex.send) return;
-    e = search(base, ex.send < 0 ? 0 : e + 1, E, s); // base[e + 1] = ex.send <= s < base[E]
-    const float gs = gscale[e];
-    ex = {off[e], off[e + 1] - off[e], base[e], base[e + 1], gs, div_rn(1.0f, gs)};
   }
   __device__ __forceinline__ void rows_of(int e, int &rows, int &first) const {
     rows = off[e + 1] - off[e];
@@ -397,11 +372,9 @@ __device__ __forceinline__ void quant_two(const Args &a, const bool (&valid)[2],
 // expert's tiles (times the row bytes). Units are below 2^31 (check_dims): 32-bit division, which
 // is a few instructions where the 64-bit one is a long software routine (the 8 x 7168 case's
 // latency).
-// NO_PAD (the tile kernel, which writes the padding rows itself): the tail only.
-template <bool NO_PAD = false, class L>
-__device__ __forceinline__ void zero_unit(const Args &a, const L &lk, bool ok, uint32_t u, uint32_t units) {
+template <class L> __device__ __forceinline__ void zero_unit(const Args &a, const L &lk, bool ok, uint32_t u, uint32_t units) {
   const bool valid = u < units;
-  const uint32_t per_e = (uint32_t)a.ktiles * 32, np = ok && !NO_PAD ? (uint32_t)a.E * per_e : 0;
+  const uint32_t per_e = (uint32_t)a.ktiles * 32, np = ok ? (uint32_t)a.E * per_e : 0;
   int e = valid && u < np ? (int)(u / per_e) : 0, rows, first;
   lk.rows_of(e, rows, first); // every lane (REG: shuffles)
   if (!valid) return;
@@ -432,9 +405,9 @@ __host__ __device__ int64_t zero_units(int E, int ktiles, int64_t sf_bytes) {
   return (int64_t)E * ktiles * 32 + (sf_bytes >> 4) + 3;
 }
 
-template <bool NO_PAD = false> __device__ __forceinline__ int64_t tail_units(const Args &a, bool ok, int total) {
+__device__ __forceinline__ int64_t tail_units(const Args &a, bool ok, int total) {
   const int64_t tail = ok ? (int64_t)total * a.ktiles * 4 : 0;
-  return (ok && !NO_PAD ? (int64_t)a.E * a.ktiles * 32 : 0) + ((a.sf_bytes - tail) >> 4) + (((a.sf_bytes - tail) & 15) >> 2);
+  return (ok ? (int64_t)a.E * a.ktiles * 32 : 0) + ((a.sf_bytes - tail) >> 4) + (((a.sf_bytes - tail) & 15) >> 2);
 }
 
 // ---- the kernels' common prologue: the expert offsets checked, the scale bases built ----
@@ -595,9 +568,8 @@ __device__ __forceinline__ uint32_t bf16x2_absmax(uint32_t a, uint32_t b) {
   return d;
 }
 
-// Returns the block's scale code (stored here in MODE_FULL only).
 template <bool SILU, bool MIN3, int MODE>
-__device__ __forceinline__ uint8_t quant_block(const Args &a, const At &p, const Blk<SILU> &k, const Expert &ex) {
+__device__ __forceinline__ void quant_block(const Args &a, const At &p, const Blk<SILU> &k, const Expert &ex) {
   uint4 h[2];
   if (SILU) {
     float v[8];
@@ -621,11 +593,10 @@ __device__ __forceinline__ uint8_t quant_block(const Args &a, const At &p, const
   const uint8_t code = block_scale(amax, ex, scale);
   if (MODE == MODE_READ_ONLY) { // never true (amax is a number): keeps the loads and the scale live
     if (code == 0xFFu && scale == 1.0f) a.out[p.b] = code;
-    return code;
+    return;
   }
   __stcs((uint2 *)a.out + p.b, make_uint2(codes8<MIN3>(h[0], scale), codes8<MIN3>(h[1], scale)));
   if (MODE == MODE_FULL) store_scale(a, ex, {p.r, (int)(2 * p.c)}, code);
-  return code;
 }
 
 // U blocks per thread per trip; PREFETCH: the next trip's loads go out before this trip's work.
@@ -707,96 +678,6 @@ static __global__ void __launch_bounds__(THREADS, MINB) nvfp4_flat_kernel(const 
   for (uint32_t w = z0; MODE != MODE_READ_ONLY && w < units; w += stride) {
     if (LOOKUP == REG) zero_unit(a, reg, ok, w + lane, units);
     else zero_unit(a, tab, ok, w + lane, units);
-  }
-}
-
-// ---- the tile kernel: whole 32-byte scale sectors (K % 64 == 0) ----
-//
-// The flat kernel's scale byte stores cost a quarter of its time: a warp's 32 bytes land in 8 four-byte
-// pieces 512 bytes apart, and the 8 rows of one 32-byte sector (lines l, l + 1: rows l, l + 1, l + 32,
-// ..., l + 97 of a 128-row tile, 4 columns) are written by warps far apart. Here the loop runs over
-// the scale buffer's row tiles instead of the input rows: CTA unit u = (t * 16 + p) * nj + j (tile t,
-// line pair p, 32-column chunk j of nj), and warp w of its 8 takes scale row s = 128 t + 32 (w >> 1)
-// + 2 p + (w & 1), lane l block column c = 32 j + l. The whole tile belongs to one expert (its tiles
-// start at multiples of 128), so the row's expert, real row r = off[e] + s - base[e] (or padding,
-// code 0) and validity are warp-uniform; loads and code stores are the flat kernel's (1 KiB of one
-// row per warp). The 8 warps' 256 scale bytes go through shared memory, and after one
-// __syncthreads warp w stores column quad 8 j + w's sector (8 lanes, one word each): 8 full 32-byte
-// sectors per unit, padding rows of the last tiles included, so only the tail is zeroed separately.
-// Needs K % 64 == 0 (whole column quads per chunk, no padding columns) and exactly 8 warps per CTA.
-constexpr int TILE_WARPS = THREADS / 32;
-static_assert(TILE_WARPS == 8, "the tile kernel's 8 warps cover the 8 rows of a 32-byte scale sector");
-
-template <int LOOKUP, bool SILU, int MINB> static __global__ void __launch_bounds__(THREADS, MINB) nvfp4_tile_kernel(const Args a) {
-  extern __shared__ int smem[];
-  __shared__ uint32_t sbuf[2][TILE_WARPS][9]; // per warp its 32 scale bytes (8 words; 9: no bank conflicts)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint32_t nblk = (uint32_t)a.ipr >> 1, nj = (nblk + 31) >> 5;
-  RegLookup reg;
-  TableLookup tab;
-  int total;
-  const bool ok = setup_lookup<LOOKUP>(a, smem, reg, tab, total);
-  // units: the host keeps them (and the grid stride past them) below 2^32
-  const uint32_t units = ok ? ((uint32_t)total >> 7) * 16u * nj : 0, G = gridDim.x;
-  const uint32_t sj = G % nj, sp = (G / nj) & 15u, st = G / (16u * nj); // the stride as (t, p, j)
-  uint32_t u = blockIdx.x, j = u % nj, p = (u / nj) & 15u, t = u / (16u * nj);
-  const int rsub = (warp >> 1) * 32 + (warp & 1);
-  TileEx ex = NO_TILE_EX;
-  int ei = 0;
-  struct Slot {
-    At at;
-    bool real;
-    float gs, inv_gs;
-  };
-  // The current unit's block for this lane (every lane calls it, u < units).
-  auto locate = [&](Slot &sl) {
-    const int s = (int)(t * 128u) + rsub + 2 * (int)p;
-    if (LOOKUP == REG) reg.tile_update(ex, s);
-    else tab.tile_update(ex, ei, s);
-    const int i = s - ex.base;
-    const uint32_t c = j * 32u + (uint32_t)lane;
-    sl.real = i < ex.rows && c < nblk;
-    sl.at.r = ex.row0 + i, sl.at.c = c, sl.at.b = (uint32_t)sl.at.r * nblk + c;
-    sl.gs = ex.gs, sl.inv_gs = ex.inv_gs;
-  };
-  Slot cur = {};
-  Blk<SILU> kc = {};
-  if (u < units) {
-    locate(cur);
-    if (cur.real) load_block<SILU>(a, cur.at, kc);
-  }
-  int buf = 0;
-  while (u < units) { // CTA-uniform
-    const uint32_t tt = t, pt = p, jt = j;
-    u += G, j += sj; // the next unit
-    if (j >= nj) j -= nj, p++;
-    p += sp;
-    if (p >= 16u) p -= 16u, t++;
-    t += st;
-    Slot nxt = {};
-    Blk<SILU> kn = {};
-    if (u < units) { // its loads go out before this unit's work
-      locate(nxt);
-      if (nxt.real) load_block<SILU>(a, nxt.at, kn);
-    }
-    uint8_t code = 0; // padding rows and columns past the row: 0
-    if (cur.real) code = quant_block<SILU, true, MODE_NO_SF>(a, cur.at, kc, Expert{0, 0, 0, cur.gs, cur.inv_gs});
-    ((uint8_t *)sbuf[buf][warp])[lane] = code;
-    __syncthreads();
-    // sector of column quad q: word k = 4 * line + g holds rows 2 pt + line + 32 g, i.e. warp 2 g + line
-    const uint32_t q = jt * 8u + (uint32_t)warp;
-    if (lane < 8 && q < (uint32_t)a.ktiles)
-      *(uint32_t *)(a.sf + ((int64_t)(tt * 128u) * a.ktiles * 4 + (int64_t)q * 512 + pt * 32u + lane * 4)) =
-          sbuf[buf][2 * (lane & 3) + (lane >> 2)][warp];
-    buf ^= 1; // the next unit writes the other buffer; this one is rewritten only after the next sync
-    cur = nxt, kc = kn;
-  }
-
-  // The tail after the experts' tiles (all of the buffer when the offsets are invalid).
-  const uint32_t zunits = (uint32_t)tail_units<true>(a, ok, total), stride = G * blockDim.x;
-  for (uint32_t w = blockIdx.x * blockDim.x + threadIdx.x - lane; w < zunits; w += stride) {
-    if (LOOKUP == REG) zero_unit<true>(a, reg, ok, w + lane, zunits);
-    else zero_unit<true>(a, tab, ok, w + lane, zunits);
   }
 }
 
@@ -967,39 +848,6 @@ cudaError_t launch_flat_lookup(const Args &a, int lookup, int device, cudaStream
 // grid (a generous bound: 2^24 threads), and 8-byte code stores.
 bool flat_fits(const Args &a) { return a.items / 2 + 3 * ((int64_t)1 << 24) < ((int64_t)1 << 32) && (uintptr_t)a.out % 8 == 0; }
 
-// The tile kernel: 8 warps per CTA (fixed), one CTA per unit up to what is resident at once.
-template <int LOOKUP, bool SILU, int MINB> cudaError_t launch_tile(const Args &a, int device, cudaStream_t s) {
-  const auto kernel = nvfp4_tile_kernel<LOOKUP, SILU, MINB>;
-  const size_t smem = LOOKUP == SMEM ? (size_t)(2 * a.E + 2) * sizeof(int) : 0;
-  const int64_t units = (a.M + 127 * (int64_t)a.E) / 128 * 16 * ceil_div(a.ipr / 2, 32); // an upper bound
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem) != cudaSuccess || per_sm < 1) per_sm = 1;
-  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(units, (int64_t)sm_count(device) * per_sm));
-  if (LOOKUP == GLOBAL) nvfp4_plan_kernel<<<1, PLAN_THREADS, 0, s>>>(a);
-  kernel<<<grid, THREADS, smem, s>>>(a);
-  return cudaGetLastError();
-}
-
-template <bool SILU, int MINB> cudaError_t launch_tile_lookup(const Args &a, int lookup, int device, cudaStream_t s) {
-  switch (lookup) {
-  case REG: return launch_tile<REG, SILU, MINB>(a, device, s);
-  case SMEM: return launch_tile<SMEM, SILU, MINB>(a, device, s);
-  default: return launch_tile<GLOBAL, SILU, MINB>(a, device, s);
-  }
-}
-
-// Whether the tile kernel applies: K % 64 == 0 and its units (with a grid stride of at most 2^24
-// CTAs past them) and block indices in 32 bits.
-bool tile_fits(const Args &a) {
-  return a.cols % 64 == 0 && flat_fits(a) &&
-         (a.M + 127 * (int64_t)a.E) / 128 * 16 * ceil_div(a.ipr / 2, 32) + ((int64_t)1 << 24) < ((int64_t)1 << 32);
-}
-
-// moeffi_run's choice: the tile kernel where rows outnumber the padding of the experts' last tiles
-// (it spends a warp-trip on every padding row: M >= 64 E, at most half a tile of padding per expert
-// on average), the flat kernel otherwise (small batches: 8 x 7168 at E = 8 is 99% padding).
-bool tile_auto(const Args &a) { return tile_fits(a) && a.M >= 64 * (int64_t)a.E; }
-
 template <bool SILU> cudaError_t launch_lookup(const Args &a, int lookup, int variant, int device, cudaStream_t s) {
   if (variant == NOOP) {
     nvfp4_noop_kernel<<<1, 32, 0, s>>>(a);
@@ -1016,11 +864,7 @@ template <bool SILU> cudaError_t launch_lookup(const Args &a, int lookup, int va
       break;
     case READ_ONLY: if constexpr (!SILU) return launch_flat_lookup<SILU, 1, true, MINB, true, MODE_READ_ONLY>(a, lookup, device, s);
       break;
-    case TILE: if (tile_fits(a)) return launch_tile_lookup<SILU, MINB>(a, lookup, device, s);
-      break;
-    case FLAT: break;
-    default: if (tile_auto(a)) return launch_tile_lookup<SILU, MINB>(a, lookup, device, s);
-      break;
+    default: break;
     }
     return launch_flat_lookup<SILU, 1, true, MINB>(a, lookup, device, s);
   }

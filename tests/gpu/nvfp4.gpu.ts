@@ -288,7 +288,7 @@ test("exact-size buffers (E = 60, 257, 4097): nothing read or written past them 
   }
 });
 
-test("the benchmark's variants (plain, forced lookups, memset first, float amax, tile, flat) write the bytes moeffi_run writes", async () => {
+test("the benchmark's variants (plain, forced lookups, memset first, float amax) write the bytes moeffi_run writes", async () => {
   const b = backend();
   const variants = openVariants(b.path);
   const r = new Rng(SEED + 5);
@@ -299,7 +299,6 @@ test("the benchmark's variants (plain, forced lookups, memset first, float amax,
         makeCase(r, "nvfp4_experts_quant", 60, 80, { special: true }),
         makeCase(r, "nvfp4_experts_quant", 257, 2048, { maxRows: 40 }),
         makeCase(r, "nvfp4_silu_quant", 7, 48, {}),
-        makeCase(r, "nvfp4_silu_quant", 7, 2048, { maxRows: 40 }),
       ])
     ) {
       const want = await onCpu(c);
