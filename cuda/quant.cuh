@@ -35,11 +35,12 @@ __device__ inline void bf16x4_values(const uint2 &b, float (&v)[4]) {
   v[2] = __uint_as_float(b.y << 16), v[3] = __uint_as_float(b.y & 0xFFFF0000u);
 }
 
-// Rows of bf16 x [rows, len].
+// Rows of bf16 x [rows, len]; only the first *count exist when count is set.
 struct Bf16Rows {
   const uint16_t *x;
   int64_t len;
-  __device__ bool exists(int64_t) const { return true; }
+  const int *count;
+  __device__ bool exists(int64_t r) const { return !count || r < *count; }
   __device__ float operator()(int64_t r, int64_t c) const { return bf16_to_f32(x[r * len + c]); }
   using Raw = uint2;
   __device__ Raw fetch(int64_t r, int64_t c) const { return *(const uint2 *)(x + r * len + c); }
@@ -60,12 +61,14 @@ struct F32Rows {
 
 // h = silu(g) * u over the GEMM1 output [rows, 2n] (gate columns, then up); only the first *count
 // rows were computed. Evaluated on demand, twice for a per-token scale: cheaper than storing h.
-struct SiluRows {
+// FAST: silu_mul_fast (hopper_fp8, whose wide path fuses the same form), else the reference's roundings.
+template <bool FAST> struct SiluRowsOf {
   const float *gu;
   int64_t n;
   const int *count;
+  __device__ static float h(float g, float u) { return FAST ? silu_mul_fast(g, u) : silu_mul(g, u); }
   __device__ bool exists(int64_t r) const { return r < *count; }
-  __device__ float operator()(int64_t r, int64_t c) const { return silu_mul(gu[r * 2 * n + c], gu[r * 2 * n + n + c]); }
+  __device__ float operator()(int64_t r, int64_t c) const { return h(gu[r * 2 * n + c], gu[r * 2 * n + n + c]); }
   struct Raw {
     float4 g, u;
   };
@@ -73,9 +76,11 @@ struct SiluRows {
     return {*(const float4 *)(gu + r * 2 * n + c), *(const float4 *)(gu + r * 2 * n + n + c)};
   }
   __device__ void values(const Raw &b, float (&v)[4]) const {
-    v[0] = silu_mul(b.g.x, b.u.x), v[1] = silu_mul(b.g.y, b.u.y), v[2] = silu_mul(b.g.z, b.u.z), v[3] = silu_mul(b.g.w, b.u.w);
+    v[0] = h(b.g.x, b.u.x), v[1] = h(b.g.y, b.u.y), v[2] = h(b.g.z, b.u.z), v[3] = h(b.g.w, b.u.w);
   }
 };
+using SiluRows = SiluRowsOf<false>;
+using FastSiluRows = SiluRowsOf<true>;
 
 // Max over a QUANT_THREADS block, returned to every thread. Inputs are amax_step results, never
 // NaN, so the result does not depend on the reduction order.
@@ -198,7 +203,8 @@ static __global__ void __launch_bounds__(T)
 // Quantizes rows [0, count) (those that exist) under a dynamic per-token or 1x128 scheme with the
 // register kernel when the row fits (len % 4 == 0, len <= 16384), else with the looping one. Blocks
 // of 256 threads up to 8192 elements (many small blocks overlap one another's load and reduction
-// phases; 1024-thread blocks were 2.5x slower on 7168-wide rows, NOTES.md), 512 above. With pdl the
+// phases; 1024-thread blocks were 2.5x slower on 7168-wide rows, NOTES.md), 512 above; 1024 for at
+// most 64 rows (decode, where one row's latency is the kernel's time). With pdl the
 // launch may overlap the end of the previous kernel (pdl.cuh).
 template <class Rows>
 void launch_quantize_rows(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
@@ -206,7 +212,11 @@ void launch_quantize_rows(const Rows &rows, int64_t count, int64_t len, uint32_t
   const dim3 grid((unsigned)count);
   if (len % 4 || len > 16384)
     launch_pdl(pdl, quantize_rows_kernel<Rows>, grid, QUANT_THREADS, 0, s, rows, len, ActScheme{act, nullptr, nullptr}, q, scales);
-  else if (len <= 1024) launch_pdl(pdl, quantize_rows_vec_kernel<256, 1, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
+  else if (count <= 64 && len > 1024) { // decode: few rows, so 1024 threads a row shorten each thread's chain
+    if (len <= 4096) launch_pdl(pdl, quantize_rows_vec_kernel<1024, 1, Rows>, grid, 1024, 0, s, rows, len, act, q, scales);
+    else if (len <= 8192) launch_pdl(pdl, quantize_rows_vec_kernel<1024, 2, Rows>, grid, 1024, 0, s, rows, len, act, q, scales);
+    else launch_pdl(pdl, quantize_rows_vec_kernel<1024, 4, Rows>, grid, 1024, 0, s, rows, len, act, q, scales);
+  } else if (len <= 1024) launch_pdl(pdl, quantize_rows_vec_kernel<256, 1, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
   else if (len <= 2048) launch_pdl(pdl, quantize_rows_vec_kernel<256, 2, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
   else if (len <= 4096) launch_pdl(pdl, quantize_rows_vec_kernel<256, 4, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
   else if (len <= 8192) launch_pdl(pdl, quantize_rows_vec_kernel<256, 8, Rows>, grid, 256, 0, s, rows, len, act, q, scales);

@@ -21,18 +21,29 @@ constexpr int SCAN_THREADS = 1024;
 
 inline int route_chunks(int64_t pairs) { return (int)((pairs + ROUTE_CHUNK - 1) / ROUTE_CHUNK); }
 
-// Exclusive prefix sum of one value per thread of a 1-D block; smem holds blockDim.x values.
+// Exclusive prefix sum of one value per thread of a 1-D block (blockDim.x a multiple of 32, every
+// thread calling); smem holds blockDim.x / 32 values.
 template <class T> __device__ T block_exclusive_scan(T v, T *smem) {
-  const int t = threadIdx.x;
-  smem[t] = v;
-  __syncthreads();
-  for (int o = 1; o < (int)blockDim.x; o <<= 1) {
-    const T add = t >= o ? smem[t - o] : T(0);
-    __syncthreads();
-    smem[t] += add;
-    __syncthreads();
+  const int t = threadIdx.x, lane = t % 32, w = t / 32, warps = blockDim.x / 32;
+  T x = v; // inclusive scan within the warp, then of the warp totals by warp 0: three barriers in all
+  for (int o = 1; o < 32; o <<= 1) {
+    const T y = __shfl_up_sync(0xFFFFFFFFu, x, o);
+    if (lane >= o) x += y;
   }
-  return smem[t] - v;
+  if (lane == 31) smem[w] = x;
+  __syncthreads();
+  if (w == 0) {
+    T s = lane < warps ? smem[lane] : T(0);
+    for (int o = 1; o < 32; o <<= 1) {
+      const T y = __shfl_up_sync(0xFFFFFFFFu, s, o);
+      if (lane >= o) s += y;
+    }
+    if (lane < warps) smem[lane] = s;
+  }
+  __syncthreads();
+  const T r = x - v + (w > 0 ? smem[w - 1] : T(0));
+  __syncthreads(); // smem is free again for the caller's next scan
+  return r;
 }
 
 // Block c: hist[c, e] = pairs of chunk c routed to expert e. An id outside [-1, E) counts nowhere
@@ -194,10 +205,19 @@ static __global__ void __launch_bounds__(256) combine_kernel(const float *y, con
   }
 }
 
-// combine_kernel four columns at a time (K % 4 == 0): 16-byte loads of y, 8-byte stores, the same
-// fixed order and roundings per element. y may come as `splits` partial sums `stride` apart (a GEMM
-// that split K), added in split order before the weighting.
-static __global__ void __launch_bounds__(256) combine4_kernel(const float *y, int splits, int64_t stride, const int *inv,
+// Four values of y at element i (16-byte aligned): fp32, or bf16 widened exactly.
+__device__ __forceinline__ float4 load4(const float *y, int64_t i) { return *(const float4 *)(y + i); }
+__device__ __forceinline__ float4 load4(const uint16_t *y, int64_t i) {
+  float v[4];
+  bf16x4_values(*(const uint2 *)(y + i), v);
+  return make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// combine_kernel four columns at a time (K % 4 == 0): vector loads of y (fp32 or bf16), 8-byte
+// stores, the same fixed order and roundings per element. y may come as `splits` partial sums
+// `stride` apart (a GEMM that split K), added in split order before the weighting.
+template <typename Y>
+static __global__ void __launch_bounds__(256) combine4_kernel(const Y *y, int splits, int64_t stride, const int *inv,
                                                               const float *w, int64_t tokens, int topk, int64_t K,
                                                               uint16_t *out) {
   pdl_wait(); // y comes from the previous kernel (when launched with launch_pdl)
@@ -206,17 +226,28 @@ static __global__ void __launch_bounds__(256) combine4_kernel(const float *y, in
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < quads; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t t = 4 * i / K, c = 4 * i % K;
     float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int j = 0; j < topk; j++) {
-      const int row = inv[t * topk + j];
-      if (row < 0) continue;
-      const float wj = w[t * topk + j];
-      float4 v = *(const float4 *)(y + (int64_t)row * K + c);
-      for (int z = 1; z < splits; z++) {
-        const float4 u = *(const float4 *)(y + z * stride + (int64_t)row * K + c);
-        v.x = add_rn(v.x, u.x), v.y = add_rn(v.y, u.y), v.z = add_rn(v.z, u.z), v.w = add_rn(v.w, u.w);
+    for (int j0 = 0; j0 < topk; j0 += 8) { // up to 8 slots' loads in flight before the first add (decode latency)
+      int row[8];
+      float wj[8];
+      float4 v[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) row[u] = j0 + u < topk ? inv[t * topk + j0 + u] : -1;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        if (row[u] < 0) continue;
+        wj[u] = w[t * topk + j0 + u];
+        v[u] = load4(y, (int64_t)row[u] * K + c);
+        for (int z = 1; z < splits; z++) {
+          const float4 p = load4(y, z * stride + (int64_t)row[u] * K + c);
+          v[u].x = add_rn(v[u].x, p.x), v[u].y = add_rn(v[u].y, p.y), v[u].z = add_rn(v[u].z, p.z), v[u].w = add_rn(v[u].w, p.w);
+        }
       }
-      sum.x = add_rn(sum.x, mul_rn(wj, v.x)), sum.y = add_rn(sum.y, mul_rn(wj, v.y));
-      sum.z = add_rn(sum.z, mul_rn(wj, v.z)), sum.w = add_rn(sum.w, mul_rn(wj, v.w));
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        if (row[u] < 0) continue;
+        sum.x = add_rn(sum.x, mul_rn(wj[u], v[u].x)), sum.y = add_rn(sum.y, mul_rn(wj[u], v[u].y));
+        sum.z = add_rn(sum.z, mul_rn(wj[u], v[u].z)), sum.w = add_rn(sum.w, mul_rn(wj[u], v[u].w));
+      }
     }
     const uint2 packed = {(uint32_t)f32_to_bf16(sum.x) | ((uint32_t)f32_to_bf16(sum.y) << 16),
                           (uint32_t)f32_to_bf16(sum.z) | ((uint32_t)f32_to_bf16(sum.w) << 16)};

@@ -129,10 +129,10 @@ struct GemmArgs {
   uint32_t wscheme;
   int64_t ws_per_expert;
   float *out;            // fp32 [rows, nout], or NULL and:
-  uint16_t *out_bf16;    // bf16 [rows, nout] of out + bias (fp8_scaled_mm)
+  uint16_t *out_bf16;    // bf16 [rows, nout] of out (+ bias: fp8_scaled_mm); fp8_moe's wide tiles write bf16 h and y
   const uint16_t *bias;  // bf16 [nout] or NULL
   int interleaved;       // GEMM1 weights hold gate/up rows interleaved by 32 (see interleave_w13)
-  int silu;              // wide tiles only: out = h = silu(gate) * up, fp32 [rows, nout / 2]
+  int silu;              // wide tiles only: out_bf16 = h = silu(gate) * up, bf16 [rows, nout / 2]
   int64_t split_stride;  // swapped tiles: K split gridDim.z ways, split z's partial sums at out + z * split_stride
   int group_m;           // wide tiles: m-tiles per raster group (tile_order)
 };
@@ -152,9 +152,6 @@ __device__ __forceinline__ uint32_t bf16x2_rn(float a, float b) {
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
   return r;
 }
-// h = silu(g) * u with the fast exponential and reciprocal (about 2 ulp): the epilogue runs while the
-// tensor cores wait, and h is quantized to fp8 next (the exact form cost most of the fusion's gain).
-__device__ __forceinline__ float silu_mul_fast(float g, float u) { return __fdividef(g, 1.0f + __expf(-g)) * u; }
 __device__ __forceinline__ void store_one(const GemmArgs &g, int64_t row, int col, float v, int64_t split_offset = 0) {
   const int64_t o = row * g.nout + col;
   if (g.out) g.out[split_offset + o] = v;
@@ -349,6 +346,8 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     // one group in flight: issue, wait, release, promote (two partial tiles with wait_group 1 at BN = 128
     // measured 25% slower: NOTES.md)
     // (consumers taking turns to issue, through named barriers, measured 21% slower: NOTES.md)
+    // (a partial tile over two K blocks without K-dependent scales, two groups in flight and half the
+    // promotions, measured 14% slower: NOTES.md)
     float f[4];
     for (int kb = 0; kb < g.nkb; kb++, it++) {
       const int s = it % STAGES;
@@ -383,15 +382,17 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
         acc[4 * j + 2] = add_rn(acc[4 * j + 2], w.y), acc[4 * j + 3] = add_rn(acc[4 * j + 3], w.w);
       }
     }
-    if (g.silu) { // gate/up interleaved by 32 (prepare): slab j (gate) and j + 4 (up) are this thread's
+    if (g.silu) { // gate/up interleaved by 32 (prepare): slab j (gate) and j + 4 (up) are this thread's; h is bf16
       const int hn = g.nout / 2;
-      float *h0 = g.out + (int64_t)r0 * hn, *h1 = g.out + (int64_t)r1 * hn;
+      uint16_t *h0 = g.out_bf16 + (int64_t)r0 * hn, *h1 = g.out_bf16 + (int64_t)r1 * hn;
 #pragma unroll
       for (int j = 0; j < BN / 8; j++) {
         const int col = n0 + 8 * j + 2 * (lane % 4), hcol = (col / 64) * 32 + col % 64;
         if (j % 8 >= 4 || (!full_width && col >= g.nout)) continue;
-        if (ok0) *(float2 *)(h0 + hcol) = make_float2(silu_mul_fast(acc[4 * j], acc[4 * j + 16]), silu_mul_fast(acc[4 * j + 1], acc[4 * j + 17]));
-        if (ok1) *(float2 *)(h1 + hcol) = make_float2(silu_mul_fast(acc[4 * j + 2], acc[4 * j + 18]), silu_mul_fast(acc[4 * j + 3], acc[4 * j + 19]));
+        const float a0 = silu_mul_fast(acc[4 * j], acc[4 * j + 16]), a1 = silu_mul_fast(acc[4 * j + 1], acc[4 * j + 17]);
+        const float b0 = silu_mul_fast(acc[4 * j + 2], acc[4 * j + 18]), b1 = silu_mul_fast(acc[4 * j + 3], acc[4 * j + 19]);
+        if (ok0) *(uint32_t *)(h0 + hcol) = bf16x2_rn(a0, a1);
+        if (ok1) *(uint32_t *)(h1 + hcol) = bf16x2_rn(b0, b1);
       }
       continue;
     }
@@ -780,20 +781,28 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s, rows, tiles);
     launch_quantize_rows(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, pc, K, act, xq, xs, s, use_pdl());
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 routing and quantization");
+    // Wide tiles (prefill) write h and y in bf16, as the peers do: half the bytes of fp32 between the
+    // kernels (1-2% of the layer at M = 4096, NOTES.md); swapped tiles (decode) keep fp32, whose K-split
+    // partial sums are added afterwards.
+    const bool wide = !tok, fused = h->interleaved && wide;
     const GemmArgs g1 = {offsets, tiles, E, (int)(2 * N), (int)K, nkb1, xs, (int)act_groups(act, K), h->s13,
-                         p->weight_scale, scale_count(p->weight_scale, 2 * N, K), acc, nullptr, nullptr,
-                         h->interleaved, h->interleaved && !tok};
+                         p->weight_scale, scale_count(p->weight_scale, 2 * N, K), wide && fused ? nullptr : acc,
+                         wide && fused ? (uint16_t *)acc : nullptr, nullptr, h->interleaved, fused};
     const int bn1 = h->bn13, bn2 = h->bn2;
     if ((st = launch_gemm(amap1, h->map13[map_index(tok, bn1)], g1, pc, tok, bn1, h->sms, s, msg, cap))) return st;
-    if (g1.silu) launch_quantize_rows(F32Rows{acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl()); // h from GEMM1
-    else launch_quantize_rows(SiluRows{acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl()); // rows [0, offsets[E]) are routed
+    if (g1.silu) launch_quantize_rows(Bf16Rows{(const uint16_t *)acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl());
+    else launch_quantize_rows(FastSiluRows{acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl()); // rows [0, offsets[E]) are routed
     const int64_t tiles2 = std::min<int64_t>(pc, ceil_div(pc, tok) + std::min(E, pc)); // a tile has >= 1 row
     const int splits = tok && pc <= SPLIT_MAX_PAIRS ? k_splits(tiles2 * ceil_div(K, SWAP_ROWS), nkb2, h->sms, 2) : 1;
     const GemmArgs g2 = {offsets, tiles, E, (int)K, (int)N, nkb2, hs, (int)act_groups(act, N), h->s2,
-                         p->weight_scale, scale_count(p->weight_scale, K, N), acc, nullptr, nullptr, 0, 0, (int64_t)pc * K};
+                         p->weight_scale, scale_count(p->weight_scale, K, N), wide ? nullptr : acc,
+                         wide ? (uint16_t *)acc : nullptr, nullptr, 0, 0, (int64_t)pc * K};
     if ((st = launch_gemm(amap2, h->map2[map_index(tok, bn2)], g2, pc, tok, bn2, h->sms, s, msg, cap, splits))) return st;
-    launch_pdl(use_pdl(), combine4_kernel, dim3((unsigned)ceil_div(mc * K / 4, 256)), 256, 0, s, acc, splits, (int64_t)pc * K,
-               inv, (const float *)t->topk_weights + t0 * topk, mc, topk, K, (uint16_t *)t->out + t0 * K);
+    const dim3 cgrid((unsigned)ceil_div(mc * K / 4, 256));
+    const float *tw = (const float *)t->topk_weights + t0 * topk;
+    uint16_t *out = (uint16_t *)t->out + t0 * K;
+    if (wide) launch_pdl(use_pdl(), combine4_kernel<uint16_t>, cgrid, 256, 0, s, (const uint16_t *)acc, 1, (int64_t)0, inv, tw, mc, topk, K, out);
+    else launch_pdl(use_pdl(), combine4_kernel<float>, cgrid, 256, 0, s, (const float *)acc, splits, (int64_t)pc * K, inv, tw, mc, topk, K, out);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_moe kernels");
   }
   return MOEFFI_OK;
