@@ -396,24 +396,17 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
       }
       continue;
     }
-    if (g.out) {
-      float *o0 = g.out + (int64_t)r0 * g.nout + n0, *o1 = g.out + (int64_t)r1 * g.nout + n0;
+    const int64_t o0 = (int64_t)r0 * g.nout + n0, o1 = (int64_t)r1 * g.nout + n0;
+    auto store = [&](int64_t o, float v0, float v1) { // columns o, o + 1 of the fp32 or the bf16 output
+      if (g.out) *(float2 *)(g.out + o) = make_float2(v0, v1);
+      else *(uint32_t *)(g.out_bf16 + o) = bf16x2_rn(v0, v1);
+    };
 #pragma unroll
-      for (int j = 0; j < BN / 8; j++) {
-        const int lc = 8 * j + 2 * (lane % 4);
-        if (!full_width && n0 + lc >= g.nout) continue;
-        if (ok0) *(float2 *)(o0 + lc) = make_float2(acc[4 * j], acc[4 * j + 1]);
-        if (ok1) *(float2 *)(o1 + lc) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-      }
-    } else {
-      uint16_t *o0 = g.out_bf16 + (int64_t)r0 * g.nout + n0, *o1 = g.out_bf16 + (int64_t)r1 * g.nout + n0;
-#pragma unroll
-      for (int j = 0; j < BN / 8; j++) {
-        const int lc = 8 * j + 2 * (lane % 4);
-        if (!full_width && n0 + lc >= g.nout) continue;
-        if (ok0) *(uint32_t *)(o0 + lc) = bf16x2_rn(acc[4 * j], acc[4 * j + 1]);
-        if (ok1) *(uint32_t *)(o1 + lc) = bf16x2_rn(acc[4 * j + 2], acc[4 * j + 3]);
-      }
+    for (int j = 0; j < BN / 8; j++) {
+      const int lc = 8 * j + 2 * (lane % 4);
+      if (!full_width && n0 + lc >= g.nout) continue;
+      if (ok0) store(o0 + lc, acc[4 * j], acc[4 * j + 1]);
+      if (ok1) store(o1 + lc, acc[4 * j + 2], acc[4 * j + 3]);
     }
   }
 #else
