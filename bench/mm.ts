@@ -11,11 +11,9 @@ import { benchData, median } from "./data.ts";
 type PeerMm = { m: number; n: number; k: number; us: number; tflops: number };
 const peerFile = process.env.MOEFFI_BENCH_PEER;
 const peer: PeerMm[] = peerFile ? JSON.parse(readFileSync(peerFile, "utf8")).mm ?? [] : [];
-const SHAPES = [[8192, 8192, 8192], [4096, 7168, 16384], [1, 7168, 7168], [16, 7168, 7168], [64, 7168, 7168], [
-  128,
-  7168,
-  7168,
-]];
+// MOEFFI_BENCH_MM_SHAPES=8192x8192x8192,1x7168x7168 (M x N x K) replaces the target shapes.
+const SHAPES = process.env.MOEFFI_BENCH_MM_SHAPES?.split(",").map((s) => s.split("x").map(Number)) ??
+  [[8192, 8192, 8192], [4096, 7168, 16384], [1, 7168, 7168], [16, 7168, 7168], [64, 7168, 7168], [128, 7168, 7168]];
 const REPS = 20, WARMUP = 3;
 
 const ctx = new Context({ device: "cuda:0" });

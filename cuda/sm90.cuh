@@ -52,7 +52,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
   }
 }
 
-// Barrier `id` (1..15; 0 is __syncthreads) among `count` threads, e.g. one warpgroup.
+// Barrier `id` (1..15; 0 is __syncthreads) among `count` threads (whole warps), e.g. one warpgroup.
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
 }

@@ -39,8 +39,16 @@ constexpr int CONSUMERS = 2;       // consumer warpgroups, 64 rows each
 constexpr int GEMM_THREADS = 128 * (CONSUMERS + 1);
 constexpr uint32_t A_STAGE = BM * BK;
 template <int BN> __host__ __device__ constexpr uint32_t wide_stage_bytes() { return A_STAGE + BN * BK; }
-template <int BN> __host__ __device__ constexpr int wide_stages() { return 200 * 1024 / wide_stage_bytes<BN>(); } // 6 or 5
-template <int BN> __host__ __device__ constexpr size_t wide_smem() { return (size_t)wide_stages<BN>() * wide_stage_bytes<BN>() + 1024; }
+// The bf16 output tile staged for whole-row stores: rows padded by 16 bytes so the eight rows a warp
+// writes at once fall in different banks.
+template <int BN> __host__ __device__ constexpr uint32_t staging_row() { return BN * 2 + 16; }
+template <int BN> __host__ __device__ constexpr uint32_t staging_bytes() { return BM * staging_row<BN>(); }
+template <int BN> __host__ __device__ constexpr int wide_stages() { // 4 (BN = 192) or 5 (128)
+  return (220 * 1024 - staging_bytes<BN>()) / wide_stage_bytes<BN>();
+}
+template <int BN> __host__ __device__ constexpr size_t wide_smem() {
+  return (size_t)wide_stages<BN>() * wide_stage_bytes<BN>() + staging_bytes<BN>() + 1024;
+}
 constexpr int SWAP_ROWS = 64, SWAP_THREADS = 160;                 // swapped tile: 64 weight rows, 1 warpgroup + 1 warp
 constexpr int SWAP_MAX_TOK = 64; // swapped tiles while the mean rows per routed expert is at most this
 constexpr int SPLIT_MAX_PAIRS = 64; // fp8_moe's GEMM 2 may split K in two up to this many pairs per chunk
@@ -213,7 +221,7 @@ __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorM
 // group, so both the weight tiles and the rows of a wave stay in L2). A tile is 128 gathered rows of
 // one expert x BN output columns.
 // Warpgroup 0 produces (one TMA thread, registers handed to the consumers) and runs ahead into the
-// next tile while the consumers store; warpgroups 1 and 2 own 64 rows each: per 128-wide K block
+// next tile while the consumers store. Warpgroups 1 and 2 own 64 rows each: per 128-wide K block
 // four fp8 wgmma k32 into a fresh partial tile, release the stage, then acc += partial *
 // (group/block scales of kb) in fp32 - the partial sum of one block is the tensor core's (about
 // 14-bit exact, NOTES.md), the sum over blocks is fp32. Rows past the expert's end (the next
@@ -244,6 +252,7 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   const int wg = tid / 128;
   int info[3];
 
+  uint8_t *staging = smem + STAGES * STAGE_BYTES; // bf16 output tile (consumer c: rows 64 c ..)
   if (wg == 0) { // producer: the ring position runs on across tiles
     regs_dec<40>();
     if (tid != 0) return;
@@ -382,32 +391,46 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
         acc[4 * j + 2] = add_rn(acc[4 * j + 2], w.y), acc[4 * j + 3] = add_rn(acc[4 * j + 3], w.w);
       }
     }
-    if (g.silu) { // gate/up interleaved by 32 (prepare): slab j (gate) and j + 4 (up) are this thread's; h is bf16
-      const int hn = g.nout / 2;
-      uint16_t *h0 = g.out_bf16 + (int64_t)r0 * hn, *h1 = g.out_bf16 + (int64_t)r1 * hn;
+    if (g.out) { // fp32 (GEMM 1 without fused SiLU): straight to global memory
+      const int64_t o0 = (int64_t)r0 * g.nout + n0, o1 = (int64_t)r1 * g.nout + n0;
 #pragma unroll
       for (int j = 0; j < BN / 8; j++) {
-        const int col = n0 + 8 * j + 2 * (lane % 4), hcol = (col / 64) * 32 + col % 64;
-        if (j % 8 >= 4 || (!full_width && col >= g.nout)) continue;
-        const float a0 = silu_mul_fast(acc[4 * j], acc[4 * j + 16]), a1 = silu_mul_fast(acc[4 * j + 1], acc[4 * j + 17]);
-        const float b0 = silu_mul_fast(acc[4 * j + 2], acc[4 * j + 18]), b1 = silu_mul_fast(acc[4 * j + 3], acc[4 * j + 19]);
-        if (ok0) *(uint32_t *)(h0 + hcol) = bf16x2_rn(a0, a1);
-        if (ok1) *(uint32_t *)(h1 + hcol) = bf16x2_rn(b0, b1);
+        const int lc = 8 * j + 2 * (lane % 4);
+        if (!full_width && n0 + lc >= g.nout) continue;
+        if (ok0) *(float2 *)(g.out + o0 + lc) = make_float2(acc[4 * j], acc[4 * j + 1]);
+        if (ok1) *(float2 *)(g.out + o1 + lc) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
       }
       continue;
     }
-    const int64_t o0 = (int64_t)r0 * g.nout + n0, o1 = (int64_t)r1 * g.nout + n0;
-    auto store = [&](int64_t o, float v0, float v1) { // columns o, o + 1 of the fp32 or the bf16 output
-      if (g.out) *(float2 *)(g.out + o) = make_float2(v0, v1);
-      else *(uint32_t *)(g.out_bf16 + o) = bf16x2_rn(v0, v1);
-    };
+    // bf16 pairs into this warpgroup's 64 staging rows, then whole rows out (below): the next tile's
+    // colv barrier orders these reads before the next writes
+    uint8_t *s0 = staging + (64 * c + 16 * warp + lane / 4) * staging_row<BN>(), *s1 = s0 + 8 * staging_row<BN>();
+    if (g.silu) { // gate/up interleaved by 32 (prepare): slab j (gate) and j + 4 (up) are this thread's; h is bf16
 #pragma unroll
-    for (int j = 0; j < BN / 8; j++) {
-      const int lc = 8 * j + 2 * (lane % 4);
-      if (!full_width && n0 + lc >= g.nout) continue;
-      if (ok0) store(o0 + lc, acc[4 * j], acc[4 * j + 1]);
-      if (ok1) store(o1 + lc, acc[4 * j + 2], acc[4 * j + 3]);
+      for (int j = 0; j < BN / 8; j++) {
+        if (j % 8 >= 4) continue;
+        const int lc = 8 * j + 2 * (lane % 4), hc = (lc / 64) * 32 + lc % 64; // BN is a multiple of 64
+        const float a0 = silu_mul_fast(acc[4 * j], acc[4 * j + 16]), a1 = silu_mul_fast(acc[4 * j + 1], acc[4 * j + 17]);
+        const float b0 = silu_mul_fast(acc[4 * j + 2], acc[4 * j + 18]), b1 = silu_mul_fast(acc[4 * j + 3], acc[4 * j + 19]);
+        *(uint32_t *)(s0 + 2 * hc) = bf16x2_rn(a0, a1);
+        *(uint32_t *)(s1 + 2 * hc) = bf16x2_rn(b0, b1);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < BN / 8; j++) {
+        const int lc = 8 * j + 2 * (lane % 4);
+        *(uint32_t *)(s0 + 2 * lc) = bf16x2_rn(acc[4 * j], acc[4 * j + 1]);
+        *(uint32_t *)(s1 + 2 * lc) = bf16x2_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      }
     }
+    named_barrier_sync(1 + c, 128);
+    const int cols = g.silu ? min(BN, g.nout - n0) / 2 : min(BN, g.nout - n0), chunks = cols / 8; // 16-byte chunks
+    const int64_t stride = g.silu ? g.nout / 2 : g.nout;
+    uint16_t *dst = g.out_bf16 + (int64_t)rbase * stride + (g.silu ? n0 / 2 : n0);
+    const uint8_t *src = staging + 64 * c * staging_row<BN>();
+    if (lane < chunks) // a row per warp at a time (BN / 8 <= 24 chunks)
+      for (int r = warp; r < min(64, end - rbase); r += 4)
+        *(uint4 *)(dst + (int64_t)r * stride + lane * 8) = *(const uint4 *)(src + r * staging_row<BN>() + lane * 16);
   }
 #else
   __trap(); // built for a target without sm_90a features; supported() refuses such devices
@@ -912,7 +935,7 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  return moeffi_fill_manifest(out, "hopper_fp8", "0.4.0", "sm_90a", MOEFFI_DEVICE_CUDA,
+  return moeffi_fill_manifest(out, "hopper_fp8", "0.5.0", "sm_90a", MOEFFI_DEVICE_CUDA,
                               (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM),
                               MOEFFI_ALL_WEIGHT_SCALES,
                               (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
