@@ -1,11 +1,11 @@
 // The NVFP4 benchmark (`deno run -A bench/nvfp4.ts`, on a GPU): the nvfp4 backend's kernel against the
 // device-to-device copy bandwidth measured in the same run, at m_topk x K = 65536 x 7168 (E = 256,
 // uneven rows per expert) and 8 x 7168 (E = 8), and against its own variants (moeffi_nvfp4_variant_run):
-// plain (one row per block after a memset and a planning kernel), the shared-memory and the global
-// lookups forced, a memset of the whole scale buffer first, items (the previous kernel: items of 8 on
+// sector / flat (the sector or the flat kernel whatever the shape), plain (one row per block after a
+// memset and a planning kernel), the shared-memory and the global lookups forced, a memset of the whole scale buffer first, items (the previous kernel: items of 8 on
 // lane pairs) and famax (that kernel with the other block-amax form), flat2 (two scale blocks per
 // thread and trip), olde2m1 (the flat kernel with the previous e2m1 conversion), and the timing-only
-// nosf / readonly / noop (not bit-exact: no scale byte stores, no stores at all, an empty kernel).
+// nosf / sector_nosf / readonly / noop (not bit-exact: no scale stores, no stores at all, an empty kernel).
 // Also the fused silu op at 65536 x 2048.
 // Time = median device time of 50 runs after 5 warm-ups (CUDA events); before each run a 256 MiB memset
 // keeps the stream busy while the host enqueues, so the events time device work only (and it evicts
@@ -19,10 +19,22 @@ import { runtime } from "../ffi/runtime.ts";
 import { nvfp4ScaleRows } from "../core/ops.ts";
 
 /** moeffi_nvfp4_variant_run's variants (backends/nvfp4/nvfp4.cu). */
-export const VARIANTS = { auto: 0, plain: 1, smem: 2, global: 3, memset: 4, famax: 5, items: 6, flat2: 7, olde2m1: 8 } as const;
+export const VARIANTS = {
+  auto: 0,
+  plain: 1,
+  smem: 2,
+  global: 3,
+  memset: 4,
+  famax: 5,
+  items: 6,
+  flat2: 7,
+  olde2m1: 8,
+  sector: 12,
+  flat: 13,
+} as const;
 /** Timing-only entries, not bit-exact (the quant op; the silu op runs auto): nosf skips the per-block scale
  * byte stores, readonly every store (loads, amax and block scales only), noop launches an empty kernel. */
-export const TIMING_ONLY = { nosf: 9, noop: 10, readonly: 11 } as const;
+export const TIMING_ONLY = { nosf: 9, noop: 10, readonly: 11, sector_nosf: 14 } as const;
 export type Variant = keyof typeof VARIANTS | keyof typeof TIMING_ONLY;
 const CODES: Record<Variant, number> = { ...VARIANTS, ...TIMING_ONLY };
 
@@ -115,6 +127,8 @@ async function main() {
   };
 
   const rows: Row[] = [];
+  // MOEFFI_NVFP4_VARIANTS=auto,flat: these variants in every case instead of the lists below (the first is the reference)
+  const pick = (v: Variant[]) => (process.env.MOEFFI_NVFP4_VARIANTS?.split(",") ?? v) as Variant[];
   const cases = [
     {
       name: "quant 65536x7168 E=256",
@@ -122,7 +136,7 @@ async function main() {
       m: 65536,
       cols: 7168,
       experts: 256,
-      variants: ["auto", "items", "flat2", "olde2m1", "global", "plain", "memset", "nosf", "readonly"] as Variant[],
+      variants: pick(["auto", "flat", "items", "flat2", "global", "plain", "memset", "sector_nosf", "nosf", "readonly"]),
     },
     {
       name: "quant 8x7168 E=8",
@@ -130,7 +144,7 @@ async function main() {
       m: 8,
       cols: 7168,
       experts: 8,
-      variants: ["auto", "items", "flat2", "smem", "global", "plain", "memset", "noop"] as Variant[],
+      variants: pick(["auto", "sector", "items", "flat2", "smem", "global", "plain", "memset", "noop"]),
     },
     {
       name: "silu 65536x2048 E=256",
@@ -138,10 +152,13 @@ async function main() {
       m: 65536,
       cols: 2048,
       experts: 256,
-      variants: ["auto", "items", "famax", "olde2m1", "plain"] as Variant[],
+      variants: pick(["auto", "sector", "items", "famax", "olde2m1", "plain"]),
     },
   ];
+  // MOEFFI_NVFP4_CASES=8x7168: only the cases whose name contains one of these (no report: e.g. under ncu)
+  const only = process.env.MOEFFI_NVFP4_CASES?.split(",");
   for (const c of cases) {
+    if (only && !only.some((o) => c.name.includes(o))) continue;
     const silu = c.op === "nvfp4_silu_quant", inCols = silu ? 2 * c.cols : c.cols;
     const off = c.m === 8 ? Int32Array.from([0, 1, 1, 3, 4, 4, 7, 8, 8]) : counts(c.m, c.experts);
     const gs = new Float32Array(c.experts).fill((448 * 6) / amax); // calibrated on the data, as a model's are
@@ -191,6 +208,7 @@ async function main() {
   }
 
   // ---- report ----
+  if (only) return void console.log(rows);
   const fast = (name: string) => rows.find((r) => r.case === name && r.variant === "auto")!;
   const big = fast(cases[0].name), small = fast(cases[1].name);
   const targets = {
@@ -224,7 +242,7 @@ async function main() {
       targets.big_met ? "met" : "NOT met"
     }); 8 x 7168 in ${small.us} us (<= 5 us: ${targets.small_met ? "met" : "NOT met"}).`,
     "",
-    "Variants: auto = what moeffi_run does (the flat kernel: one 16-element scale block per thread and trip, loaded a trip ahead; register lookup for E <= 32, shared memory up to 4096, global above); plain = memset + planning kernel + one row per block; smem / global = auto with that lookup forced; memset = auto after a memset of the whole scale buffer; items = the previous kernel (items of 8 on lane pairs, two per lane per trip); famax = items with the other block-amax form; flat2 = two blocks per thread and trip; olde2m1 = auto with the previous e2m1 conversion; timing only, not bit-exact: nosf = auto without the per-block scale byte stores, readonly = auto without any store, noop = an empty kernel (the launch floor).",
+    "Variants: auto = what moeffi_run does (from 16 rows per expert on the mean the sector kernel: a warp per 32-byte sector of the swizzled scales, a 16-element block per lane; below it the flat kernel: one 16-element scale block per thread and trip; both load a trip ahead; register lookup for E <= 32, shared memory up to 4096, global above); sector / flat = that kernel whatever the shape; plain = memset + planning kernel + one row per block; smem / global = auto with that lookup forced; memset = auto after a memset of the whole scale buffer; items = the previous kernel (items of 8 on lane pairs, two per lane per trip); famax = items with the other block-amax form; flat2 = two blocks per thread and trip; olde2m1 = the flat kernel with the previous e2m1 conversion; timing only, not bit-exact: nosf = the flat kernel without the per-block scale byte stores, sector_nosf = the sector kernel without its scale stores, readonly = the flat kernel without any store, noop = an empty kernel (the launch floor).",
     "",
     "| case | variant | time (us) | spread | GB/s | of copy |",
     "|---|---|---|---|---|---|",

@@ -70,6 +70,21 @@ __device__ __forceinline__ void tma_load_2d(void *dst, const void *map, uint64_t
       : "memory");
 }
 
+// ---- bulk stores (shared -> global through the TMA unit, asynchronous to the issuing thread) ----
+// This thread's shared-memory writes made visible to the async proxy, before a bulk copy reads them.
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) in this thread's current bulk group.
+__device__ __forceinline__ void bulk_store(void *gdst, const void *ssrc, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"((uint64_t)gdst), "r"(smem_addr(ssrc)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Until this thread's bulk groups have read their sources (the shared memory may be written again).
+__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// Until they are complete (their writes done).
+__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
 // ---- WGMMA ----
 // Descriptor of a K-major operand tile in smem written by TMA with 128B swizzle: rows of 128
 // bytes, 8-row atoms 1024 bytes apart (SBO), swizzle code 1 (= 128B; the TMA enum value is 3).

@@ -374,6 +374,7 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     // followed its last reads
     float2 *cv = colv[c][parity];
     parity ^= 1;
+    if (!g.out && lane == 0) bulk_wait_read0(); // the previous tile's rows have left the staging tile
     cv[ct] = make_float2(cw[0], cb[0]);
     if (ct + 128 < BN) cv[ct + 128] = make_float2(cw[1], cb[1]);
     named_barrier_sync(1 + c, 128);
@@ -402,8 +403,9 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
       }
       continue;
     }
-    // bf16 pairs into this warpgroup's 64 staging rows, then whole rows out (below): the next tile's
-    // colv barrier orders these reads before the next writes
+    // bf16 pairs into this warpgroup's 64 staging rows, then whole rows out by bulk copies (below),
+    // which run on while the warpgroup starts its next tile; before writing the staging rows again,
+    // each copying lane waits for its copies to have read them (ahead of the next colv barrier)
     uint8_t *s0 = staging + (64 * c + 16 * warp + lane / 4) * staging_row<BN>(), *s1 = s0 + 8 * staging_row<BN>();
     if (g.silu) { // gate/up interleaved by 32 (prepare): slab j (gate) and j + 4 (up) are this thread's; h is bf16
 #pragma unroll
@@ -423,15 +425,18 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
         *(uint32_t *)(s1 + 2 * lc) = bf16x2_rn(acc[4 * j + 2], acc[4 * j + 3]);
       }
     }
+    fence_proxy_async_smem(); // the bulk copies below read these writes
     named_barrier_sync(1 + c, 128);
-    const int cols = g.silu ? min(BN, g.nout - n0) / 2 : min(BN, g.nout - n0), chunks = cols / 8; // 16-byte chunks
+    const int cols = g.silu ? min(BN, g.nout - n0) / 2 : min(BN, g.nout - n0); // a multiple of 8 (nout % 16 == 0)
     const int64_t stride = g.silu ? g.nout / 2 : g.nout;
     uint16_t *dst = g.out_bf16 + (int64_t)rbase * stride + (g.silu ? n0 / 2 : n0);
     const uint8_t *src = staging + 64 * c * staging_row<BN>();
-    if (lane < chunks) // a row per warp at a time (BN / 8 <= 24 chunks)
-      for (int r = warp; r < min(64, end - rbase); r += 4)
-        *(uint4 *)(dst + (int64_t)r * stride + lane * 8) = *(const uint4 *)(src + r * staging_row<BN>() + lane * 16);
+    if (lane == 0) { // every fourth row from each warp, copied while the warpgroup goes on to the next tile
+      for (int r = warp; r < min(64, end - rbase); r += 4) bulk_store(dst + (int64_t)r * stride, src + r * staging_row<BN>(), cols * 2);
+      bulk_commit();
+    }
   }
+  if (lane == 0) bulk_wait0(); // no bulk copy outlives the CTA's shared memory
 #else
   __trap(); // built for a target without sm_90a features; supported() refuses such devices
 #endif
@@ -585,10 +590,20 @@ uint64_t take(uint64_t *cursor, uint64_t bytes) {
   return at;
 }
 
+// fp8_scaled_mm's rows per pass: as many as keep the pass's quantized x within 64 MiB (8192 at K =
+// 8192), CHUNK at least: each pass ends in a partial wave of tiles and streams all of W again.
+// MOEFFI_HOPPER_MM_CHUNK overrides it (a multiple of 128; the A/B of NOTES.md).
+int64_t mm_chunk(int64_t k) {
+  static const int64_t forced = getenv("MOEFFI_HOPPER_MM_CHUNK") ? atoll(getenv("MOEFFI_HOPPER_MM_CHUNK")) : 0;
+  if (forced >= BM && forced % BM == 0) return forced;
+  return std::max<int64_t>(CHUNK, ((int64_t)64 << 20) / std::max<int64_t>(k, 1) / BM * BM);
+}
+
 Plan plan_workspace(const moeffi_problem *p) {
   Plan w = {};
   uint64_t c = 0;
-  const uint64_t mc = (uint64_t)std::min<int64_t>(p->m, CHUNK), n = p->n, k = p->k, e = p->experts, f = 4;
+  const uint64_t mc = (uint64_t)std::min<int64_t>(p->m, is_mm(p) ? mm_chunk(p->k) : CHUNK), n = p->n, k = p->k,
+                 e = p->experts, f = 4;
   if (mc == 0) return w;
   if (is_mm(p)) { // x quantized [Mc, K], its scales, and a one-expert grouping {0, Mc}
     w.xq = take(&c, mc * k);
@@ -889,7 +904,7 @@ static __global__ void __launch_bounds__(256) mm_reduce_kernel(const float *part
   }
 }
 
-// y = quant(x) W^T (+ bias) in bf16: the grouped GEMM with one expert, per chunk of CHUNK rows.
+// y = quant(x) W^T (+ bias) in bf16: the grouped GEMM with one expert, per chunk of mm_chunk(K) rows.
 int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensors *t, char *base, cudaStream_t s,
                    char *msg, uint32_t cap) {
   const Plan w = plan_workspace(p);
@@ -902,11 +917,12 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
   const uint16_t *x = (const uint16_t *)t->x;
   const uint16_t *bias = (p->flags & MOEFFI_FLAG_HAS_BIAS) ? (const uint16_t *)t->bias : nullptr;
   int32_t st;
-  for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
+  const int64_t chunk = mm_chunk(K);
+  for (int64_t t0 = 0; t0 < M; t0 += chunk) {
     // one expert: up to 128 rows take swapped tiles (N / 192 wide tiles would leave most SMs idle at
     // N = 7168; one 128-token tile was slower than two of 64: NOTES.md), with K split when that leaves
     // SMs without two CTAs
-    const int mc = (int)std::min(CHUNK, M - t0), tok = token_tile(mc, 1, MM_SWAP_MAX), rows = tok ? tok : BM;
+    const int mc = (int)std::min(chunk, M - t0), tok = token_tile(mc, 1, MM_SWAP_MAX), rows = tok ? tok : BM;
     CUtensorMap amap;
     if ((st = make_map(&amap, xq, mc, K, rows, msg, cap))) return st;
     mm_grouping_kernel<<<1, 1, 0, s>>>(offsets, tiles, mc, rows);
@@ -935,7 +951,7 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  return moeffi_fill_manifest(out, "hopper_fp8", "0.5.0", "sm_90a", MOEFFI_DEVICE_CUDA,
+  return moeffi_fill_manifest(out, "hopper_fp8", "0.5.1", "sm_90a", MOEFFI_DEVICE_CUDA,
                               (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM),
                               MOEFFI_ALL_WEIGHT_SCALES,
                               (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
@@ -1056,7 +1072,8 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
   NEED(tensors->topk_ids, P, "topk_ids");
   NEED(tensors->topk_weights, P, "topk_weights");
   NEED(tensors->bias, mm && (problem->flags & MOEFFI_FLAG_HAS_BIAS) ? N : 0, "bias");
-  if ((uintptr_t)tensors->out % 8) FAIL(MOEFFI_INVALID, "tensors->out must be 8-byte aligned");
+  // fp8_scaled_mm's wide tiles send whole rows of 16-byte pieces (bulk copies) straight to out
+  if ((uintptr_t)tensors->out % (mm ? 16 : 8)) FAIL(MOEFFI_INVALID, "tensors->out must be %d-byte aligned", mm ? 16 : 8);
   if ((uintptr_t)tensors->x % 8) FAIL(MOEFFI_INVALID, "tensors->x must be 8-byte aligned");
   MOEFFI_CUDA_TRY(cudaSetDevice(problem->device_index));
   (void)cudaGetLastError(); // forget a stale error of an earlier runtime call (this library's own runtime)

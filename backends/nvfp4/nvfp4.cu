@@ -1,11 +1,14 @@
 // nvfp4.cu: the fast NVFP4 backend of moeffi (sm_80+): nvfp4_experts_quant and nvfp4_silu_quant
 // (moe.md section 4, moeffi.h), the same bytes as backends/reference/reference.c.
 //
-// One kernel per call (two above 4096 experts), no host synchronization. A grid-stride loop over
-// 16-element scale blocks, one per thread and trip ("flat kernel"): the block's 32 bytes are loaded a
-// trip ahead, and its amax, e4m3 scale and 16 codes need no other lane (8 bytes of codes and the
-// scale byte stored per block). The previous kernel (items of 8 on lane pairs sharing the amax by a
-// shuffle) stays as a benchmark variant and the fallback for indices past 32 bits.
+// One kernel per call (two above 4096 experts), no host synchronization. A thread quantizes one
+// 16-element scale block per trip, loaded a trip ahead: its amax, e4m3 scale and 16 codes need no
+// other lane. The quant op from 16 rows per expert on the mean runs the "sector kernel": a warp walks
+// 8 rows x 32 blocks of one expert's 128-row scale tile in 8 trips and writes their scales as whole
+// 32-byte sectors of the swizzled layout. Smaller problems and the silu op run the "flat kernel", a
+// grid-stride loop over the blocks in row order storing each scale byte where it belongs. The
+// previous kernel (items of 8 on lane pairs sharing the amax by a shuffle) stays as a benchmark
+// variant and the fallback for indices past 32 bits.
 // Each block checks the expert offsets and builds the 128-row-rounded block-scale offsets itself: in
 // registers for E <= 32 (lane e holds expert e; two ballots find a row's expert where a warp holds
 // at most two rows, else a 5-step shuffle binary search), in shared memory up to 4096 experts
@@ -13,8 +16,8 @@
 // (binary search in global memory). A thread's rows
 // only grow, so it searches again only when it leaves its expert. Every search reads offsets [0, E]
 // only and ends on the expert owning the row. The scale buffer is written once, by the same kernel:
-// real scales by the blocks, then the padding rows of each expert's last 128-row tile, the padding
-// columns and the unused tail, with no memset pass. The E2M1, E4M3 and SiLU arithmetic comes from
+// real scales and the padding of each expert's last 128-row tile (the sector kernel writes both in its
+// sectors), padding columns and the unused tail, with no memset pass. The E2M1, E4M3 and SiLU arithmetic comes from
 // cuda/numerics.cuh (software on every architecture, bit-exact with the reference).
 // Design, measurements and the sm_100 caveat: backends/nvfp4/NOTES.md.
 #include <cuda_runtime.h>
@@ -52,14 +55,15 @@ constexpr int64_t MAX_ROWS = (int64_t)1 << 30; // m + 127 E: rows stay int32 pas
 enum Lookup { REG = 0, SMEM = 1, GLOBAL = 2 };
 
 // Benchmark-only variants (moeffi_nvfp4_variant_run); 0 is what moeffi_run does.
-// ITEMS: the previous kernel (items of 8 on lane pairs); FLAT2: two blocks per thread and trip;
-// OLD_E2M1: the flat kernel with e2m1x8_magnitudes. Timing only (not bit-exact): NO_SF skips the
-// per-block scale byte stores, READ_ONLY every store (loads, amax and scales only), NOOP launches an
-// empty kernel.
+// SECTOR / FLAT: the sector or the flat kernel whatever the shape; ITEMS: the previous kernel (items of
+// 8 on lane pairs); FLAT2: two blocks per thread and trip;
+// OLD_E2M1: the flat kernel with e2m1x8_magnitudes. Timing only (not bit-exact): NO_SF the flat
+// kernel without its per-block scale byte stores, SECTOR_NO_SF the sector kernel without its scale
+// stores, READ_ONLY the flat kernel without any store (loads, amax and scales only), NOOP an empty kernel.
 enum Variant { AUTO = 0, PLAIN = 1, FORCE_SMEM = 2, FORCE_GLOBAL = 3, MEMSET = 4, FLOAT_AMAX = 5, ITEMS = 6, FLAT2 = 7,
-               OLD_E2M1 = 8, NO_SF = 9, NOOP = 10, READ_ONLY = 11 };
-constexpr int LAST_VARIANT = READ_ONLY;
-enum Mode { MODE_FULL = 0, MODE_NO_SF = 1, MODE_READ_ONLY = 2 }; // the flat kernel's timing-only modes
+               OLD_E2M1 = 8, NO_SF = 9, NOOP = 10, READ_ONLY = 11, SECTOR = 12, FLAT = 13, SECTOR_NO_SF = 14 };
+constexpr int LAST_VARIANT = SECTOR_NO_SF;
+enum Mode { MODE_FULL = 0, MODE_NO_SF = 1, MODE_READ_ONLY = 2 }; // the timing-only modes
 
 #define FAIL(status, ...)              \
   do {                                 \
@@ -186,6 +190,15 @@ struct RegLookup {
     ex = {__shfl_sync(FULL, lo, e), __shfl_sync(FULL, hi, e), __shfl_sync(FULL, base, e), __shfl_sync(FULL, gs, e),
           __shfl_sync(FULL, inv_gs, e)};
   }
+  // The expert owning scale row s (warp-uniform, every lane calls it; the sector kernel), looked up
+  // when s is past ex's tiles: e = the experts whose tiles end at or before s (empty ones included;
+  // lanes past E end at total > s).
+  __device__ __forceinline__ void tile_update(Expert &ex, int s) const {
+    if (s < ex.base + round128(ex.end - ex.row0)) return;
+    const int e = __popc(__ballot_sync(FULL, base + round128(hi - lo) <= s));
+    ex = {__shfl_sync(FULL, lo, e), __shfl_sync(FULL, hi, e), __shfl_sync(FULL, base, e), __shfl_sync(FULL, gs, e),
+          __shfl_sync(FULL, inv_gs, e)};
+  }
   // Rows of expert e (every lane calls it) and its first scale row.
   __device__ __forceinline__ void rows_of(int e, int &rows, int &first) const {
     rows = __shfl_sync(FULL, hi - lo, e & 31);
@@ -217,6 +230,16 @@ struct TableLookup {
     if (ex.end < 0) e = search(off, 0, E, r);                // first lookup
     else if (e + 2 <= E && r < off[e + 2]) e = e + 1;        // the next expert (or the one after
     else e = search(off, min(e + 1, E - 1), E, r);           // empty ones: searched)
+    const float gs = gscale[e];
+    ex = {off[e], off[e + 1], base[e], gs, div_rn(1.0f, gs)};
+  }
+  // The same for scale row s past ex's tiles (the sector kernel): the bases are searched as the
+  // offsets are above (an empty expert's tiles are empty, so the search ends on the owner).
+  __device__ __forceinline__ void tile_update(Expert &ex, int &e, int s) const {
+    if (s < ex.base + round128(ex.end - ex.row0)) return;
+    if (ex.end < 0) e = search(base, 0, E, s);
+    else if (e + 2 <= E && s < base[e + 2]) e = e + 1;
+    else e = search(base, min(e + 1, E - 1), E, s);
     const float gs = gscale[e];
     ex = {off[e], off[e + 1], base[e], gs, div_rn(1.0f, gs)};
   }
@@ -372,27 +395,33 @@ __device__ __forceinline__ void quant_two(const Args &a, const bool (&valid)[2],
 // expert's tiles (times the row bytes). Units are below 2^31 (check_dims): 32-bit division, which
 // is a few instructions where the 64-bit one is a long software routine (the 8 x 7168 case's
 // latency).
-template <class L> __device__ __forceinline__ void zero_unit(const Args &a, const L &lk, bool ok, uint32_t u, uint32_t units) {
+// TILES = false (the sector kernel, which writes the tiles' padding itself): the tail only.
+template <bool TILES = true, class L>
+__device__ __forceinline__ void zero_unit(const Args &a, const L &lk, bool ok, uint32_t u, uint32_t units) {
   const bool valid = u < units;
-  const uint32_t per_e = (uint32_t)a.ktiles * 32, np = ok ? (uint32_t)a.E * per_e : 0;
-  int e = valid && u < np ? (int)(u / per_e) : 0, rows, first;
-  lk.rows_of(e, rows, first); // every lane (REG: shuffles)
-  if (!valid) return;
-  if (u < np) {
-    const int rem = rows & 127;
-    if (rem == 0) return;
-    const uint32_t rest = u - (uint32_t)e * per_e;
-    const int kt = (int)(rest >> 5), line = (int)(rest & 31);
-    uint8_t *p = a.sf + ((int64_t)(first + round128(rows) - 128) * a.ktiles * 4 + (int64_t)kt * 512 + line * 16);
-    if (line >= rem) {
-      *(uint4 *)p = make_uint4(0, 0, 0, 0);
-    } else {
+  uint32_t np = 0; // units of the experts' last tiles
+  if constexpr (TILES) {
+    const uint32_t per_e = (uint32_t)a.ktiles * 32;
+    np = ok ? (uint32_t)a.E * per_e : 0;
+    int e = valid && u < np ? (int)(u / per_e) : 0, rows, first;
+    lk.rows_of(e, rows, first); // every lane (REG: shuffles)
+    if (valid && u < np) {
+      const int rem = rows & 127;
+      if (rem == 0) return;
+      const uint32_t rest = u - (uint32_t)e * per_e;
+      const int kt = (int)(rest >> 5), line = (int)(rest & 31);
+      uint8_t *p = a.sf + ((int64_t)(first + round128(rows) - 128) * a.ktiles * 4 + (int64_t)kt * 512 + line * 16);
+      if (line >= rem) {
+        *(uint4 *)p = make_uint4(0, 0, 0, 0);
+      } else {
 #pragma unroll
-      for (int g = 1; g < 4; g++)
-        if (line + 32 * g >= rem) *(uint32_t *)(p + 4 * g) = 0;
+        for (int g = 1; g < 4; g++)
+          if (line + 32 * g >= rem) *(uint32_t *)(p + 4 * g) = 0;
+      }
+      return;
     }
-    return;
   }
+  if (!valid) return;
   const int64_t tail = ok ? (int64_t)lk.total * a.ktiles * 4 : 0, n16 = (a.sf_bytes - tail) >> 4;
   const int64_t t = u - np;
   if (t < n16) *(uint4 *)(a.sf + tail + t * 16) = make_uint4(0, 0, 0, 0);
@@ -405,9 +434,9 @@ __host__ __device__ int64_t zero_units(int E, int ktiles, int64_t sf_bytes) {
   return (int64_t)E * ktiles * 32 + (sf_bytes >> 4) + 3;
 }
 
-__device__ __forceinline__ int64_t tail_units(const Args &a, bool ok, int total) {
+__device__ __forceinline__ int64_t tail_units(const Args &a, bool ok, int total, bool tiles = true) {
   const int64_t tail = ok ? (int64_t)total * a.ktiles * 4 : 0;
-  return (ok ? (int64_t)a.E * a.ktiles * 32 : 0) + ((a.sf_bytes - tail) >> 4) + (((a.sf_bytes - tail) & 15) >> 2);
+  return (ok && tiles ? (int64_t)a.E * a.ktiles * 32 : 0) + ((a.sf_bytes - tail) >> 4) + (((a.sf_bytes - tail) & 15) >> 2);
 }
 
 // ---- the kernels' common prologue: the expert offsets checked, the scale bases built ----
@@ -568,9 +597,9 @@ __device__ __forceinline__ uint32_t bf16x2_absmax(uint32_t a, uint32_t b) {
   return d;
 }
 
-template <bool SILU, bool MIN3, int MODE>
-__device__ __forceinline__ void quant_block(const Args &a, const At &p, const Blk<SILU> &k, const Expert &ex) {
-  uint4 h[2];
+// The block's 16 values to encode (x, or h = silu(gate) * up) in h, its e2m1 scale, and its e4m3 code.
+template <bool SILU, bool MIN3>
+__device__ __forceinline__ uint8_t scale_block(const Blk<SILU> &k, const Expert &ex, uint4 (&h)[2], float &scale) {
   if (SILU) {
     float v[8];
 #pragma unroll
@@ -589,8 +618,14 @@ __device__ __forceinline__ void quant_block(const Args &a, const At &p, const Bl
                                   bf16x2_max(bf16x2_max(h[1].x & m, h[1].y & m), bf16x2_max(h[1].z & m, h[1].w & m)));
     amax = fmaxf(fmaxf(float_of(x << 16), float_of(x & 0xFFFF0000u)), 0.0f);
   }
+  return block_scale(amax, ex, scale);
+}
+
+template <bool SILU, bool MIN3, int MODE>
+__device__ __forceinline__ void quant_block(const Args &a, const At &p, const Blk<SILU> &k, const Expert &ex) {
+  uint4 h[2];
   float scale;
-  const uint8_t code = block_scale(amax, ex, scale);
+  const uint8_t code = scale_block<SILU, MIN3>(k, ex, h, scale);
   if (MODE == MODE_READ_ONLY) { // never true (amax is a number): keeps the loads and the scale live
     if (code == 0xFFu && scale == 1.0f) a.out[p.b] = code;
     return;
@@ -678,6 +713,106 @@ static __global__ void __launch_bounds__(THREADS, MINB) nvfp4_flat_kernel(const 
   for (uint32_t w = z0; MODE != MODE_READ_ONLY && w < units; w += stride) {
     if (LOOKUP == REG) zero_unit(a, reg, ok, w + lane, units);
     else zero_unit(a, tab, ok, w + lane, units);
+  }
+}
+
+// ---- the sector kernel: a warp per 8 rows x 32 blocks, whole scale sectors ----
+//
+// The swizzled scales of a 128-row tile and a column quad (4 blocks of 16) are 512 bytes; sector i
+// (bytes 32 i ..) holds tile rows 2 i + 32 g (g = 0..3, bytes 4 g ..) and 2 i + 1 + 32 g (bytes
+// 16 + 4 g ..), 4 blocks each (nvfp4_scale_offset). The flat kernel's warp writes 4 bytes into each of
+// 8 sectors, the other 28 coming from 7 other warps, and that scattered pattern costs it about a
+// quarter of its time (the same kernel storing its scale bytes linearly runs at 0.93 of copy against
+// 0.68, NOTES.md). Here unit u = (tile t, sector i, 32-block column group) belongs to one warp, which
+// quantizes those 8 rows in 8 trips, lane l taking block 32 group + l of a row (1 KiB of contiguous
+// loads per trip, as in the flat kernel), keeps the 8 scale bytes, transposes them within each quad
+// of lanes, and writes 8 whole sectors with two 4-byte stores per lane. Units run over the experts'
+// tiles, so rows are warp-uniform: a padding row is a skipped trip whose scale bytes are zeros, and
+// only the tail after the last tile is left to the zeroing loop. The next trip's loads go out before
+// this trip's work, and the next unit's expert is looked up a unit ahead.
+template <int LOOKUP, bool SILU, int MINB, int MODE = MODE_FULL>
+static __global__ void __launch_bounds__(THREADS, MINB) nvfp4_sector_kernel(const Args a) {
+  extern __shared__ int smem[];
+  const int lane = threadIdx.x & 31;
+  RegLookup reg;
+  TableLookup tab;
+  int total;
+  const bool ok = setup_lookup<LOOKUP>(a, smem, reg, tab, total);
+  const uint32_t nblk = (uint32_t)a.ipr >> 1, ng = (nblk + 31) / 32, stride = gridDim.x * (blockDim.x >> 5);
+  const uint32_t first = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (ok) {
+    const uint32_t units = (uint32_t)(total >> 3) * ng; // tiles x 16 sectors x column groups (< 2^31)
+    Expert ex = NO_EXPERT; // the lookup's state: units only grow
+    int ei = 0;
+    auto find = [&](uint32_t u) { // the expert of unit u's tile
+      if (LOOKUP == REG) reg.tile_update(ex, (int)(u / ng >> 4) << 7);
+      else tab.tile_update(ex, ei, (int)(u / ng >> 4) << 7);
+      return ex;
+    };
+    // trip j of unit u: tile row 2 i + 32 (j % 4) + j / 4 (scale bytes 4 (j % 4) + 16 (j / 4) of the
+    // sectors); its input row, or -1 for padding
+    auto row_of = [&](uint32_t u, const Expert &e, int j) {
+      const uint32_t ti = u / ng;
+      const int r = e.row0 + ((int)(ti >> 4) << 7) - e.base + 2 * (int)(ti & 15) + 32 * (j & 3) + (j >> 2);
+      return r < e.end ? r : -1;
+    };
+    uint32_t u = first;
+    int j = 0, r = -1;
+    Expert e = NO_EXPERT, e_after = NO_EXPERT; // of unit u, and of unit u + stride
+    Blk<SILU> cur;
+    if (u < units) e = find(u), r = row_of(u, e, 0);
+    if (u + stride < units) e_after = find(u + stride);
+    uint32_t c = (u % ng) * 32 + lane;
+    if (r >= 0 && c < nblk) load_block<SILU>(a, {r, c, (uint32_t)r * nblk + c}, cur);
+    uint32_t lo = 0, hi = 0; // this lane's scale bytes of trips 0-3 and 4-7
+    while (u < units) { // warp-uniform trips
+      uint32_t nu = u;
+      int nj = j + 1;
+      Expert ne = e;
+      if (nj == 8) nj = 0, nu = u + stride, ne = e_after;
+      int nr = -1;
+      const uint32_t nc = (nu % ng) * 32 + lane;
+      Blk<SILU> next;
+      if (nu < units) {
+        nr = row_of(nu, ne, nj);
+        if (nr >= 0 && nc < nblk) load_block<SILU>(a, {nr, nc, (uint32_t)nr * nblk + nc}, next);
+      }
+      uint32_t code = 0; // padding rows and columns: zero scale
+      if (r >= 0 && c < nblk) {
+        uint4 h[2];
+        float scale;
+        code = scale_block<SILU, true>(cur, e, h, scale);
+        __stcs((uint2 *)a.out + ((uint32_t)r * nblk + c), make_uint2(codes8<true>(h[0], scale), codes8<true>(h[1], scale)));
+      }
+      if (j < 4) lo |= code << (8 * j);
+      else hi |= code << (8 * (j - 4));
+      if (j == 7) {
+        // lane 4 q + k gets row k's (and row 4 + k's) bytes of the quad's 4 columns: byte k of each lane
+        const int q0 = lane & ~3, k = lane & 3;
+        const uint32_t sel = (uint32_t)k | (uint32_t)(k + 4) << 4;
+        const uint32_t lo01 = __byte_perm(__shfl_sync(FULL, lo, q0), __shfl_sync(FULL, lo, q0 + 1), sel);
+        const uint32_t lo23 = __byte_perm(__shfl_sync(FULL, lo, q0 + 2), __shfl_sync(FULL, lo, q0 + 3), sel);
+        const uint32_t hi01 = __byte_perm(__shfl_sync(FULL, hi, q0), __shfl_sync(FULL, hi, q0 + 1), sel);
+        const uint32_t hi23 = __byte_perm(__shfl_sync(FULL, hi, q0 + 2), __shfl_sync(FULL, hi, q0 + 3), sel);
+        const uint32_t quad = c >> 2, ti = u / ng;
+        if (MODE == MODE_FULL && quad < (uint32_t)a.ktiles) { // quads past the row's last do not exist
+          uint8_t *sector = a.sf + ((int64_t)(ti >> 4) * a.ktiles + quad) * 512 + 32 * (ti & 15);
+          *(uint32_t *)(sector + 4 * k) = __byte_perm(lo01, lo23, 0x5410);
+          *(uint32_t *)(sector + 16 + 4 * k) = __byte_perm(hi01, hi23, 0x5410);
+        } else if (MODE != MODE_FULL && (lo01 ^ hi23) == 0xFFFFFFFFu) {
+          a.out[0] = 0; // never (timing only): keeps the scale bytes live
+        }
+        lo = hi = 0;
+        if (nu < units && nu + stride < units) e_after = find(nu + stride); // a unit ahead
+      }
+      u = nu, j = nj, e = ne, r = nr, c = nc, cur = next;
+    }
+  }
+  // the tail after the experts' tiles (all of the buffer when the offsets are invalid)
+  const uint32_t units = (uint32_t)tail_units(a, ok, total, false), tstride = gridDim.x * blockDim.x;
+  for (uint32_t w = blockIdx.x * blockDim.x + threadIdx.x; w < units; w += tstride) {
+    if (LOOKUP == REG) zero_unit<false>(a, reg, ok, w, units);
+    else zero_unit<false>(a, tab, ok, w, units);
   }
 }
 
@@ -848,10 +983,44 @@ cudaError_t launch_flat_lookup(const Args &a, int lookup, int device, cudaStream
 // grid (a generous bound: 2^24 threads), and 8-byte code stores.
 bool flat_fits(const Args &a) { return a.items / 2 + 3 * ((int64_t)1 << 24) < ((int64_t)1 << 32) && (uintptr_t)a.out % 8 == 0; }
 
+// The sector kernel: a warp per unit (8 rows x 32 blocks of the experts' tiles, at most M / 128 + E
+// of them) up to what is resident at once.
+template <int LOOKUP, bool SILU, int MODE = MODE_FULL>
+cudaError_t launch_sector(const Args &a, int device, cudaStream_t s) {
+  // 64 registers (quant) and 128 (silu): the unit state spills at the flat kernel's 48 and 80
+  constexpr int MINB = SILU ? 2 : 4;
+  const auto kernel = nvfp4_sector_kernel<LOOKUP, SILU, MINB, MODE>;
+  const size_t smem = LOOKUP == SMEM ? (size_t)(2 * a.E + 2) * sizeof(int) : 0;
+  const int64_t work = (ceil_div(a.M, 128) + a.E) * 16 * ceil_div(a.ipr / 2, 32) * 32;
+  int grid, threads;
+  launch_shape((const void *)kernel, work, device, smem, &grid, &threads);
+  if (LOOKUP == GLOBAL) nvfp4_plan_kernel<<<1, PLAN_THREADS, 0, s>>>(a);
+  kernel<<<grid, threads, smem, s>>>(a);
+  return cudaGetLastError();
+}
+
+// Where the sector kernel runs (moeffi_run): the quant op from 16 rows per expert on the mean. Below
+// that the padding rows, a warp-trip each, outweigh the real ones (8 x 7168, E = 8: 7.7 us against the
+// flat kernel's 5.0, H100); the silu op needs 100 registers in it (2 blocks of 256 per SM) and ran 20%
+// slower than on the flat kernel (NOTES.md).
+bool sector_pays(bool silu, int64_t M, int64_t E) { return !silu && M >= 16 * E; }
+
 template <bool SILU> cudaError_t launch_lookup(const Args &a, int lookup, int variant, int device, cudaStream_t s) {
   if (variant == NOOP) {
     nvfp4_noop_kernel<<<1, 32, 0, s>>>(a);
     return cudaGetLastError();
+  }
+  if constexpr (!SILU)
+    if (flat_fits(a) && variant == SECTOR_NO_SF) return lookup == REG ? launch_sector<REG, SILU, MODE_NO_SF>(a, device, s)
+                                                : lookup == SMEM ? launch_sector<SMEM, SILU, MODE_NO_SF>(a, device, s)
+                                                                 : launch_sector<GLOBAL, SILU, MODE_NO_SF>(a, device, s);
+  if (flat_fits(a) && (variant == SECTOR || ((variant == AUTO || variant == FORCE_SMEM || variant == FORCE_GLOBAL ||
+                                              variant == MEMSET) && sector_pays(SILU, a.M, a.E)))) {
+    switch (lookup) {
+    case REG: return launch_sector<REG, SILU>(a, device, s);
+    case SMEM: return launch_sector<SMEM, SILU>(a, device, s);
+    default: return launch_sector<GLOBAL, SILU>(a, device, s);
+    }
   }
   if (variant != ITEMS && variant != FLOAT_AMAX && flat_fits(a)) {
     // one block per thread and trip, loaded a trip ahead; 48 registers (quant: 5 blocks of 256 per SM)
@@ -933,7 +1102,7 @@ MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
   const uint32_t ops = (1u << MOEFFI_OP_NVFP4_EXPERTS_QUANT) | (1u << MOEFFI_OP_NVFP4_SILU_QUANT);
   // batch invariant: every row depends on its own values and its expert only
-  return moeffi_fill_manifest(out, "nvfp4", "0.1.0", "sm_80+", MOEFFI_DEVICE_CUDA, ops, 0, 0, ops, 20);
+  return moeffi_fill_manifest(out, "nvfp4", "0.2.0", "sm_80+", MOEFFI_DEVICE_CUDA, ops, 0, 0, ops, 20);
 }
 
 MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason, uint32_t capacity) {
@@ -944,8 +1113,9 @@ MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason,
     return -1;
   }
   const int lookup = lookup_of(problem->experts, AUTO);
-  moeffi_say(reason, capacity, "grid-stride NVFP4 kernel on %s (sm_%d%d), %s expert lookup", d->name, d->major, d->minor,
-             lookup == REG ? "register" : lookup == SMEM ? "shared-memory" : "global-memory");
+  const bool sector = sector_pays(problem->op == MOEFFI_OP_NVFP4_SILU_QUANT, problem->m, problem->experts);
+  moeffi_say(reason, capacity, "%s NVFP4 kernel on %s (sm_%d%d), %s expert lookup", sector ? "sector" : "flat", d->name,
+             d->major, d->minor, lookup == REG ? "register" : lookup == SMEM ? "shared-memory" : "global-memory");
   return 20;
 }
 
@@ -982,9 +1152,10 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
  * 2 auto with the shared-memory lookup, 3 auto with the planning kernel and the global lookup, 4 auto
  * after a memset of the whole scale buffer, 5 the previous (items) kernel with the other block-amax form
  * (quant: from unpacked floats; silu: from the packed bf16 words), 6 the previous kernel, 7 the flat
- * kernel with two blocks per thread and trip, 8 the flat kernel with e2m1x8_magnitudes. Timing only,
- * not bit-exact (quant op; the silu op runs auto): 9 no per-block scale byte stores, 10 an empty
- * kernel, 11 no stores at all. Variants 1 and 3 need a workspace of at least 16 + 4 (E + 1) bytes. */
+ * kernel with two blocks per thread and trip, 8 the flat kernel with e2m1x8_magnitudes, 12 the sector
+ * kernel, 13 the flat kernel (whatever the shape). Timing only, not bit-exact (quant op; the silu op runs
+ * auto): 9 the flat kernel without per-block scale byte stores, 10 an empty kernel, 11 no stores at all,
+ * 14 the sector kernel without scale stores. Variants 1 and 3 need a workspace of at least 16 + 4 (E + 1) bytes. */
 MOEFFI_API int32_t moeffi_nvfp4_variant_run(const moeffi_problem *problem, const moeffi_tensors *tensors, uint32_t variant,
                                             char *message, uint32_t capacity) {
   if (variant > LAST_VARIANT) {

@@ -288,7 +288,7 @@ test("exact-size buffers (E = 60, 257, 4097): nothing read or written past them 
   }
 });
 
-test("the benchmark's variants (plain, forced lookups, memset first, float amax) write the bytes moeffi_run writes", async () => {
+test("the benchmark's variants (sector and flat kernels, plain, forced lookups, memset first, float amax) write the bytes moeffi_run writes", async () => {
   const b = backend();
   const variants = openVariants(b.path);
   const r = new Rng(SEED + 5);
@@ -299,6 +299,8 @@ test("the benchmark's variants (plain, forced lookups, memset first, float amax)
         makeCase(r, "nvfp4_experts_quant", 60, 80, { special: true }),
         makeCase(r, "nvfp4_experts_quant", 257, 2048, { maxRows: 40 }),
         makeCase(r, "nvfp4_silu_quant", 7, 48, {}),
+        makeCase(r, "nvfp4_experts_quant", 5, 80, { maxRows: 300, special: true }), // sector kernel, register lookup
+        makeCase(r, "nvfp4_silu_quant", 40, 208, { maxRows: 200 }), // sector kernel, shared-memory lookup
       ])
     ) {
       const want = await onCpu(c);

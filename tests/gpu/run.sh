@@ -19,9 +19,9 @@ for step in $steps; do
         [ $rc -eq 0 ] || status=1
       done ;;
     bench) # ceilings and the PyTorch peer, then moeffi, in the same run
-      python3 bench/peers/torch_moe.py --out "$out/peer.json" 2> "$out/peer.log" || { status=1; tail -20 "$out/peer.log"; }
+      python3 bench/peers/torch_moe.py --sustain 5 --out "$out/peer.json" 2> "$out/peer.log" || { status=1; tail -20 "$out/peer.log"; }
       MOEFFI_BENCH_PEER="$out/peer.json" deno run -A bench/gpu.ts > "$out/bench.log" 2>&1 || status=1
-      MOEFFI_BENCH_PEER="$out/peer.json" deno run -A bench/mm.ts >> "$out/bench.log" 2>&1 || status=1
+      MOEFFI_BENCH_MM_SUSTAIN=5 MOEFFI_BENCH_PEER="$out/peer.json" deno run -A bench/mm.ts >> "$out/bench.log" 2>&1 || status=1
       grep "^|" "$out/bench.log" | tail -60
       tar -czf "$out/results.tgz" bench/results ;; # one file: the device returns at most 8
     doctor) # what a user sees on this machine
