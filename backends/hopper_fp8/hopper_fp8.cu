@@ -127,8 +127,8 @@ struct GatherRows {
 };
 
 struct GemmArgs {
-  const int *offsets;    // [E+1] rows of each expert in the gathered A / out
-  const int *tile_start; // [E+1] from launch_routing
+  const int *offsets;    // [E+1] rows of each expert in the gathered A / out; NULL: one expert of rows1 rows
+  const int *tile_start; // [E+1] from launch_routing (unused without offsets)
   int experts;
   int nout, klen, nkb;   // output columns (weight rows per expert), reduction length, its 128-blocks
   const float *as;       // activation scales [rows, a_ng] (a_ng = nkb for 1x128 groups, else 1)
@@ -143,6 +143,7 @@ struct GemmArgs {
   int silu;              // wide tiles only: out_bf16 = h = silu(gate) * up, bf16 [rows, nout / 2]
   int64_t split_stride;  // swapped tiles: K split gridDim.z ways, split z's partial sums at out + z * split_stride
   int group_m;           // wide tiles: m-tiles per raster group (tile_order)
+  int rows1;             // offsets == NULL (fp8_scaled_mm): the one expert's rows, known on the host
 };
 
 #ifdef MOEFFI_SM90A // device helpers of the sm_90a kernels (other targets compile trapping bodies)
@@ -166,8 +167,17 @@ __device__ __forceinline__ void store_one(const GemmArgs &g, int64_t row, int co
   else g.out_bf16[o] = f32_to_bf16(g.bias ? add_rn(v, bf16_to_f32(g.bias[col])) : v);
 }
 
+// Row tiles of `rows` rows in the grid: tile_start[E], or those of the one expert.
+__device__ __forceinline__ int tile_count(const GemmArgs &g, int rows) {
+  return g.offsets ? g.tile_start[g.experts] : (g.rows1 + rows - 1) / rows;
+}
+
 // The expert tile of grid slot t (tile_start[lo] <= t < tile_start[lo + 1]): expert, first row, end row.
 __device__ __forceinline__ void find_tile(const GemmArgs &g, int t, int rows, int *info) {
+  if (!g.offsets) {
+    info[0] = 0, info[1] = t * rows, info[2] = g.rows1;
+    return;
+  }
   int lo = 0, hi = g.experts;
   while (hi - lo > 1) {
     const int mid = lo + (hi - lo) / 2;
@@ -238,7 +248,7 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
 
-  const int tid = threadIdx.x, mt = g.tile_start[g.experts], nt = (g.nout + BN - 1) / BN;
+  const int tid = threadIdx.x, mt = tile_count(g, BM), nt = (g.nout + BN - 1) / BN;
   if (tid == 0) {
     for (int s = 0; s < STAGES; s++) {
       mbar_init(&full[s], 1);
@@ -466,7 +476,7 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
   const int tid = threadIdx.x, t = blockIdx.x, n0 = blockIdx.y * SWAP_ROWS;
   // this CTA's share of the K blocks (split z of gridDim.z)
   const int kb0 = (int)((int64_t)g.nkb * blockIdx.z / gridDim.z), kb1 = (int)((int64_t)g.nkb * (blockIdx.z + 1) / gridDim.z);
-  if (t >= g.tile_start[g.experts]) return; // uniform over the block
+  if (t >= tile_count(g, TOK)) return; // uniform over the block
   if (tid == 0) {
     find_tile(g, t, TOK, tile_info);
     for (int s = 0; s < S; s++) {
@@ -605,11 +615,9 @@ Plan plan_workspace(const moeffi_problem *p) {
   const uint64_t mc = (uint64_t)std::min<int64_t>(p->m, is_mm(p) ? mm_chunk(p->k) : CHUNK), n = p->n, k = p->k,
                  e = p->experts, f = 4;
   if (mc == 0) return w;
-  if (is_mm(p)) { // x quantized [Mc, K], its scales, and a one-expert grouping {0, Mc}
+  if (is_mm(p)) { // x quantized [Mc, K] and its scales
     w.xq = take(&c, mc * k);
     w.xs = take(&c, mc * act_groups(p->act_scale, k) * f);
-    w.offsets = take(&c, 2 * 4);
-    w.tiles = take(&c, 2 * 4);
     if (mc <= MM_SWAP_MAX) w.part = take(&c, MM_MAX_SPLITS * mc * n * f);
     w.total = c;
     return w;
@@ -771,7 +779,8 @@ int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const Gemm
   GemmArgs g = args;
   g.group_m = RASTER_GROUP_M;
   const int rows = tok ? tok : BM;
-  const unsigned slots = (unsigned)(ceil_div(pc, rows) + std::min<int64_t>(g.experts, pc));
+  // a slot per row tile: up to one partial tile per expert beyond pc / rows (exactly pc / rows for one expert)
+  const unsigned slots = (unsigned)(ceil_div(pc, rows) + (g.offsets ? std::min<int64_t>(g.experts, pc) : 0));
   if (!tok) { // persistent: at most one CTA per SM
     const unsigned tiles = slots * (unsigned)ceil_div(g.nout, bn), grid = std::min(tiles, (unsigned)sms);
     const bool kscaled = g.a_ng > 1 || g.wscheme == MOEFFI_W_BLOCK_128;
@@ -880,12 +889,6 @@ cudaError_t interleave_w13(void *dst, const void *src, int64_t E, int64_t N, int
   return cudaSuccess;
 }
 
-// The one-expert grouping of an fp8_scaled_mm chunk: offsets {0, rows}, tile_start {0, tiles}.
-static __global__ void mm_grouping_kernel(int *offsets, int *tile_start, int rows, int tile_rows) {
-  offsets[0] = 0, offsets[1] = rows;
-  tile_start[0] = 0, tile_start[1] = (rows + tile_rows - 1) / tile_rows;
-}
-
 // out = bf16(sum over the K splits, in split order, of the f32 partial sums (+ bias)): the end of an
 // fp8_scaled_mm whose GEMM split K (the same roundings as the wide GEMM's own bf16 epilogue).
 static __global__ void __launch_bounds__(256) mm_reduce_kernel(const float *part, int splits, int64_t stride,
@@ -912,7 +915,6 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
   const uint32_t act = p->act_scale;
   uint8_t *xq = (uint8_t *)(base + w.xq);
   float *xs = (float *)(base + w.xs);
-  int *offsets = (int *)(base + w.offsets), *tiles = (int *)(base + w.tiles);
   float *part = (float *)(base + w.part);
   const uint16_t *x = (const uint16_t *)t->x;
   const uint16_t *bias = (p->flags & MOEFFI_FLAG_HAS_BIAS) ? (const uint16_t *)t->bias : nullptr;
@@ -925,15 +927,14 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
     const int mc = (int)std::min(chunk, M - t0), tok = token_tile(mc, 1, MM_SWAP_MAX), rows = tok ? tok : BM;
     CUtensorMap amap;
     if ((st = make_map(&amap, xq, mc, K, rows, msg, cap))) return st;
-    mm_grouping_kernel<<<1, 1, 0, s>>>(offsets, tiles, mc, rows);
     launch_quantize_rows(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s, use_pdl());
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_scaled_mm quantization");
     const int nkb = (int)ceil_div(K, QBLK);
     const int splits = tok ? k_splits(ceil_div(mc, tok) * ceil_div(N, SWAP_ROWS), nkb, h->sms, MM_MAX_SPLITS) : 1;
     uint16_t *out = (uint16_t *)t->out + t0 * N;
-    const GemmArgs g = {offsets, tiles, 1, (int)N, (int)K, nkb, xs, (int)act_groups(act, K), h->s13, p->weight_scale, 0,
-                        splits > 1 ? part : nullptr, splits > 1 ? nullptr : out, splits > 1 ? nullptr : bias, 0, 0,
-                        (int64_t)mc * N};
+    GemmArgs g = {nullptr, nullptr, 1, (int)N, (int)K, nkb, xs, (int)act_groups(act, K), h->s13, p->weight_scale, 0,
+                  splits > 1 ? part : nullptr, splits > 1 ? nullptr : out, splits > 1 ? nullptr : bias, 0, 0, (int64_t)mc * N};
+    g.rows1 = mc; // one expert: no grouping arrays on the device
     const int bn = h->bn13;
     if ((st = launch_gemm(amap, h->map13[map_index(tok, bn)], g, mc, tok, bn, h->sms, s, msg, cap, splits))) return st;
     if (splits > 1)
