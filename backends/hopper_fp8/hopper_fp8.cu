@@ -924,13 +924,20 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
     // one expert: up to 128 rows take swapped tiles (N / 192 wide tiles would leave most SMs idle at
     // N = 7168; one 128-token tile was slower than two of 64: NOTES.md), with K split when that leaves
     // SMs without two CTAs
-    const int mc = (int)std::min(chunk, M - t0), tok = token_tile(mc, 1, MM_SWAP_MAX), rows = tok ? tok : BM;
+    const int mc = (int)std::min(chunk, M - t0);
+    int tok = token_tile(mc, 1, MM_SWAP_MAX);
+    const int nkb = (int)ceil_div(K, QBLK), nt = (int)ceil_div(N, SWAP_ROWS);
+    // 33..64 rows: two 32-token tiles instead of one 64-token tile split in K where they make as many
+    // CTAs without a split (no partial sums to reduce; N = K = 7168, M = 64: 33 against 35 us, NOTES.md)
+    if (tok == 64 && mc <= 64 && k_splits(2 * nt, nkb, h->sms, MM_MAX_SPLITS) == 1 &&
+        2 * nt >= nt * k_splits(nt, nkb, h->sms, MM_MAX_SPLITS))
+      tok = 32;
+    const int rows = tok ? tok : BM;
     CUtensorMap amap;
     if ((st = make_map(&amap, xq, mc, K, rows, msg, cap))) return st;
     launch_quantize_rows(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s, use_pdl());
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_scaled_mm quantization");
-    const int nkb = (int)ceil_div(K, QBLK);
-    const int splits = tok ? k_splits(ceil_div(mc, tok) * ceil_div(N, SWAP_ROWS), nkb, h->sms, MM_MAX_SPLITS) : 1;
+    const int splits = tok ? k_splits(ceil_div(mc, tok) * nt, nkb, h->sms, MM_MAX_SPLITS) : 1;
     uint16_t *out = (uint16_t *)t->out + t0 * N;
     GemmArgs g = {nullptr, nullptr, 1, (int)N, (int)K, nkb, xs, (int)act_groups(act, K), h->s13, p->weight_scale, 0,
                   splits > 1 ? part : nullptr, splits > 1 ? nullptr : out, splits > 1 ? nullptr : bias, 0, 0, (int64_t)mc * N};
