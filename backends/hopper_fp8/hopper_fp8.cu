@@ -609,6 +609,12 @@ int64_t mm_chunk(int64_t k) {
   return std::max<int64_t>(CHUNK, ((int64_t)64 << 20) / std::max<int64_t>(k, 1) / BM * BM);
 }
 
+struct MmShape {
+  int tok, splits; // token tile (0: wide tiles) and K splits of one fp8_scaled_mm pass
+};
+MmShape mm_shape(int64_t mc, int64_t n, int64_t k, int sms);
+int device_sms(int device);
+
 Plan plan_workspace(const moeffi_problem *p) {
   Plan w = {};
   uint64_t c = 0;
@@ -618,7 +624,14 @@ Plan plan_workspace(const moeffi_problem *p) {
   if (is_mm(p)) { // x quantized [Mc, K] and its scales
     w.xq = take(&c, mc * k);
     w.xs = take(&c, mc * act_groups(p->act_scale, k) * f);
-    if (mc <= MM_SWAP_MAX) w.part = take(&c, MM_MAX_SPLITS * mc * n * f);
+    // K-split partial sums of the pass that needs the most: the first, or a shorter last one
+    const int64_t chunk = mm_chunk(p->k), last = p->m % chunk ? p->m % chunk : (int64_t)mc;
+    uint64_t part = 0;
+    for (const int64_t rows : {(int64_t)mc, last}) {
+      const MmShape sh = mm_shape(rows, p->n, p->k, device_sms(p->device_index));
+      if (sh.splits > 1) part = std::max(part, (uint64_t)sh.splits * rows * n * f);
+    }
+    if (part) w.part = take(&c, part);
     w.total = c;
     return w;
   }
@@ -758,6 +771,32 @@ int k_splits(int64_t ctas, int nkb, int sms, int max_splits) {
   int s = 1;
   while (s < max_splits && ctas * (s + 1) <= 2 * sms && nkb >= 4 * (s + 1)) s++;
   return s;
+}
+
+// One fp8_scaled_mm pass of mc rows: up to 128 rows take swapped tiles (N / 192 wide tiles would leave
+// most SMs idle at N = 7168; one 128-token tile was slower than two of 64: NOTES.md), with K split
+// when that leaves SMs without two CTAs. 33..64 rows take two 32-token tiles instead of one 64-token
+// tile split in K where they make as many CTAs without a split (no partial sums to reduce; N = K =
+// 7168, M = 64: 33 against 35 us, NOTES.md). The workspace plan uses it too (the split buffer).
+MmShape mm_shape(int64_t mc, int64_t n, int64_t k, int sms) {
+  int tok = token_tile(mc, 1, MM_SWAP_MAX);
+  const int nkb = (int)ceil_div(k, QBLK), nt = (int)ceil_div(n, SWAP_ROWS);
+  if (tok == 64 && mc <= 64 && k_splits(2 * nt, nkb, sms, MM_MAX_SPLITS) == 1 &&
+      2 * nt >= nt * k_splits(nt, nkb, sms, MM_MAX_SPLITS))
+    tok = 32;
+  return {tok, tok ? k_splits(ceil_div(mc, tok) * nt, nkb, sms, MM_MAX_SPLITS) : 1};
+}
+
+// Multiprocessors of a device, queried once (132, an H100's, if the query fails).
+int device_sms(int device) {
+  static int known[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (!known[device]) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v < 1) v = 132;
+    known[device] = v;
+  }
+  return known[device];
 }
 
 // Kernels after the first of a forward may overlap their predecessor's end (pdl.cuh);
@@ -921,23 +960,14 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
   int32_t st;
   const int64_t chunk = mm_chunk(K);
   for (int64_t t0 = 0; t0 < M; t0 += chunk) {
-    // one expert: up to 128 rows take swapped tiles (N / 192 wide tiles would leave most SMs idle at
-    // N = 7168; one 128-token tile was slower than two of 64: NOTES.md), with K split when that leaves
-    // SMs without two CTAs
-    const int mc = (int)std::min(chunk, M - t0);
-    int tok = token_tile(mc, 1, MM_SWAP_MAX);
-    const int nkb = (int)ceil_div(K, QBLK), nt = (int)ceil_div(N, SWAP_ROWS);
-    // 33..64 rows: two 32-token tiles instead of one 64-token tile split in K where they make as many
-    // CTAs without a split (no partial sums to reduce; N = K = 7168, M = 64: 33 against 35 us, NOTES.md)
-    if (tok == 64 && mc <= 64 && k_splits(2 * nt, nkb, h->sms, MM_MAX_SPLITS) == 1 &&
-        2 * nt >= nt * k_splits(nt, nkb, h->sms, MM_MAX_SPLITS))
-      tok = 32;
-    const int rows = tok ? tok : BM;
+    const int mc = (int)std::min(chunk, M - t0), nkb = (int)ceil_div(K, QBLK);
+    const MmShape sh = mm_shape(mc, N, K, h->sms); // the plan's split buffer fits it (plan_workspace)
+    const int tok = sh.tok, rows = tok ? tok : BM, splits = sh.splits;
+    if (splits > 1 && !w.part) FAIL(MOEFFI_INVALID, "internal: no K-split buffer planned for a %d-row pass", mc);
     CUtensorMap amap;
     if ((st = make_map(&amap, xq, mc, K, rows, msg, cap))) return st;
     launch_quantize_rows(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s, use_pdl());
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_scaled_mm quantization");
-    const int splits = tok ? k_splits(ceil_div(mc, tok) * nt, nkb, h->sms, MM_MAX_SPLITS) : 1;
     uint16_t *out = (uint16_t *)t->out + t0 * N;
     GemmArgs g = {nullptr, nullptr, 1, (int)N, (int)K, nkb, xs, (int)act_groups(act, K), h->s13, p->weight_scale, 0,
                   splits > 1 ? part : nullptr, splits > 1 ? nullptr : out, splits > 1 ? nullptr : bias, 0, 0, (int64_t)mc * N};
@@ -1011,7 +1041,7 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   memset((void *)h, 0, sizeof(Handle));
   h->op = problem->op, h->weight_scale = problem->weight_scale, h->act_scale = problem->act_scale;
   h->n = N, h->k = K, h->experts = E, h->device = problem->device_index;
-  if (cudaDeviceGetAttribute(&h->sms, cudaDevAttrMultiProcessorCount, h->device) != cudaSuccess || h->sms < 1) h->sms = 132;
+  h->sms = device_sms(h->device);
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, h->device) != cudaSuccess) prop.name[0] = 0;
   h->bn13 = wide_bn(rows13, prop.name), h->bn2 = wide_bn(K, prop.name);

@@ -218,14 +218,17 @@ for (const backend of BACKENDS) {
         const splitK = i % 4 === 1, weightScale = WEIGHT_SCALES[i % 3];
         const actScale = splitK ? ACT_SCALES[2 + (i >> 2) % 2] : ACT_SCALES[Math.floor(i / 3) % 4];
         // n a multiple of 16 half the time (what the TMA backends claim); m = 1..128 takes swapped tiles
-        // and problem 7 (mod 25) a wide decode one (hopper_fp8: 33..64 rows as two 32-token tiles at N > 4224)
-        const wide = i % 25 === 7;
-        const k = splitK ? 2048 : wide ? 256 : dim16(r, 1024), bias = r.next() < 0.5;
-        const n = splitK ? 128 * r.int(1, 8) : wide ? 16 * r.int(272, 448) : i % 2 ? dim16(r, 700) : r.int(1, 700);
+        // and problem 7 (mod 25) a wide decode one (hopper_fp8: 33..64 rows as two 32-token tiles at N > 4224);
+        // problem 10 runs in two passes (hopper_fp8: 4096 rows at K = 16384, then 4 rows that split K)
+        const wide = i % 25 === 7, twoPass = i === 10;
+        const k = splitK ? 2048 : wide ? 256 : twoPass ? 16384 : dim16(r, 1024), bias = r.next() < 0.5;
+        const n = splitK ? 128 * r.int(1, 8) : wide ? 16 * r.int(272, 448) : twoPass ? 16 : i % 2 ? dim16(r, 700) : r.int(1, 700);
         const m = splitK
           ? r.pick([1, 16, 100, 128])
           : wide
           ? r.int(33, 64)
+          : twoPass
+          ? 4100
           : r.pick([0, 1, 16, 40, 64, 100, 128, 257, r.int(0, 600)]);
         const mine = gpu.registry.backends.find((b) => b.name === backend)!;
         if (
