@@ -15,14 +15,5 @@ for cfg in ${@:-mixtral-8x7b:1 mixtral-8x7b:16 qwen3-30b-a3b:1 deepseek-v3-ep8:1
   MOEFFI_BENCH_PRESETS=$p MOEFFI_BENCH_M=$m MOEFFI_BENCH_REPS=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 \
     ncu --clock-control none --print-units base --metrics gpu__time_duration.sum --csv deno run -A bench/gpu.ts > $OUT/ncu-$p-$m.csv 2>&1
   echo "== $p M=$m"
-  python3 - "$OUT/ncu-$p-$m.csv" <<'PY'
-import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-hdr = rows[0]; ki = hdr.index("Kernel Name"); vi = hdr.index("Metric Value"); ii = hdr.index("ID")
-t = collections.OrderedDict(); n = collections.Counter()
-for r in rows[1:]:
-    k = r[ki][:60]; v = float(r[vi].replace(",", ""))
-    t[k] = t.get(k, 0) + v; n[k] += 1
-for k in t: print(f"{t[k]/n[k]/1000:10.1f} us  x{n[k]:3d}  {k}")
-PY
+  python3 tests/gpu/ncu_times.py "$OUT/ncu-$p-$m.csv"
 done

@@ -29,15 +29,8 @@ for step in $steps; do
       grep -E "^Targets|^\| quant 8x" "$out/nvfp4.log"
       MOEFFI_NVFP4_CASES=8x7168 MOEFFI_NVFP4_VARIANTS=auto,noop MOEFFI_BENCH_REPS=20 ncu --clock-control none --print-units base \
         --metrics gpu__time_duration.sum --csv deno run -A bench/nvfp4.ts > "$out/nvfp4-ncu.csv" 2>&1 || status=1
-      python3 - "$out/nvfp4-ncu.csv" <<'PY' | tee "$out/nvfp4-small-ncu.txt"
-import csv, sys, collections, statistics
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-hdr = rows[0]; ki = hdr.index("Kernel Name"); vi = hdr.index("Metric Value")
-t = collections.defaultdict(list)
-for r in rows[1:]: t[r[ki][:70]].append(float(r[vi].replace(",", "")) / 1000)
-print("ncu gpu__time_duration.sum, nvfp4_experts_quant 8 x 7168 E=8, cold caches (us): kernel | launches | median | min | max")
-for k, v in t.items(): print(f"{k} | {len(v)} | {statistics.median(v):.2f} | {min(v):.2f} | {max(v):.2f}")
-PY
+      { echo "ncu gpu__time_duration.sum, nvfp4_experts_quant 8 x 7168 E=8, cold caches"
+        python3 tests/gpu/ncu_times.py "$out/nvfp4-ncu.csv"; } | tee "$out/nvfp4-small-ncu.txt"
       ;;
     doctor) # what a user sees on this machine
       deno run -A tools/doctor.ts 2>&1 | tee "$out/doctor.log" | head -60 || status=1 ;;
