@@ -138,13 +138,20 @@ static __global__ void __launch_bounds__(QUANT_THREADS) amax_rows_kernel(Rows ro
   if (threadIdx.x == 0) atomicMax(amax, __float_as_uint(m));
 }
 
+// Where quantized row r goes: row r itself, or (map set) rows map[r * copies + u] for u < copies,
+// -1 meaning nowhere: a token's codes written once per routed slot, in expert order.
+struct RowDest {
+  const int *map = nullptr;
+  int copies = 1;
+};
+
 // The same quantization with the row held in registers (dynamic per-token and 1x128 groups only):
 // T threads, 4 consecutive elements each, so a 1x128 group is one warp (shuffles only). Every load of
 // the row is issued before any arithmetic (rows provide fetch -> Raw, then values), so a short
 // row costs one memory latency and a long one streams. Needs len % 4 == 0 and len <= J * 4 * T.
-template <int T, int J, class Rows>
+template <int T, int J, class Rows, bool SCATTER> // SCATTER: dest.map is set (a template flag: no registers otherwise)
 static __global__ void __launch_bounds__(T)
-    quantize_rows_vec_kernel(Rows rows, int64_t len, uint32_t act, uint8_t *q, float *scales) {
+    quantize_rows_vec_kernel(Rows rows, int64_t len, uint32_t act, uint8_t *q, float *scales, RowDest dest) {
   __shared__ float part[T / 32];
   pdl_wait(); // the rows come from the previous kernel (when launched with launch_pdl)
   pdl_trigger();
@@ -163,8 +170,8 @@ static __global__ void __launch_bounds__(T)
     if (4 * ((int64_t)j * T + t) < len) rows.values(raw[j], v[j]);
     else v[j][0] = v[j][1] = v[j][2] = v[j][3] = 0.0f; // zeros never raise an amax
   }
-  uint8_t *qr = q + r * len;
-  float *sr = scales + r * act_groups(act, len);
+  const int64_t ng = act_groups(act, len);
+  const int *dmap = SCATTER ? dest.map + r * dest.copies : nullptr; // this row's destination rows
   const bool grp = act == MOEFFI_A_DYNAMIC_GROUP_128;
   float inv_row = 0.0f;
   if (!grp) { // one scale for the row: block max
@@ -178,8 +185,12 @@ static __global__ void __launch_bounds__(T)
     for (int w = 0; w < T / 32; w++) m = fmaxf(m, part[w]);
     const float s = dynamic_scale(m);
     inv_row = div_rn(1.0f, s);
-    if (t == 0) sr[0] = s;
+    if (t == 0)
+      for (int u = 0; u < (SCATTER ? dest.copies : 1); u++)
+        if (const int64_t d = SCATTER ? dmap[u] : r; d >= 0) scales[d * ng] = s;
   }
+  uint32_t packed[J]; // SCATTER: this thread's codes of elements 4 (j T + t) .., stored after the loop
+  float gs[J];        // SCATTER with 1x128 groups: the scale of each
 #pragma unroll
   for (int j = 0; j < J; j++) {
     const int64_t c = 4 * ((int64_t)j * T + t);
@@ -187,40 +198,68 @@ static __global__ void __launch_bounds__(T)
     if (grp) { // this warp's 128 elements are group c / 128
       float m = amax_step(amax_step(amax_step(amax_step(0.0f, v[j][0]), v[j][1]), v[j][2]), v[j][3]);
       for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
-      const float s = dynamic_scale(m);
-      inv = div_rn(1.0f, s);
-      if (lane == 0 && c < len) sr[c / QBLK] = s;
+      gs[j] = dynamic_scale(m);
+      inv = div_rn(1.0f, gs[j]);
+      if (!SCATTER && lane == 0 && c < len) scales[r * ng + c / QBLK] = gs[j];
     }
-    if (c < len) {
-      uint32_t packed = 0;
+    packed[j] = 0;
 #pragma unroll
-      for (int i = 0; i < 4; i++) packed |= (uint32_t)f32_to_e4m3(scale_value(v[j][i], inv)) << (8 * i);
-      *(uint32_t *)(qr + c) = packed;
+    for (int i = 0; i < 4; i++) packed[j] |= (uint32_t)f32_to_e4m3(scale_value(v[j][i], inv)) << (8 * i);
+    if (!SCATTER && c < len) *(uint32_t *)(q + r * len + c) = packed[j];
+  }
+  if constexpr (SCATTER) {
+    for (int u = 0; u < dest.copies; u++) { // after the loop above: a store loop inside it would keep it rolled
+      const int64_t d = dmap[u];
+      if (d < 0) continue;
+#pragma unroll
+      for (int j = 0; j < J; j++) {
+        const int64_t c = 4 * ((int64_t)j * T + t);
+        if (c >= len) continue;
+        *(uint32_t *)(q + d * len + c) = packed[j];
+        if (grp && lane == 0) scales[d * ng + c / QBLK] = gs[j];
+      }
     }
   }
 }
 
+// Whether the register kernel takes rows of len elements.
+inline bool quantize_fits(int64_t len) { return len % 4 == 0 && len <= 16384; }
+
+// The register kernel's launch: blocks of 256 threads up to 8192 elements (many small blocks overlap
+// one another's load and reduction phases; 1024-thread blocks were 2.5x slower on 7168-wide rows,
+// NOTES.md), 512 above; 1024 for at most 64 rows (decode, where one row's latency is the kernel's time).
+template <bool SCATTER, class Rows>
+void launch_quantize_rows_vec(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
+                              cudaStream_t s, bool pdl, RowDest dest) {
+  const dim3 grid((unsigned)count);
+#define MOEFFI_QUANT_VEC(T, J) launch_pdl(pdl, quantize_rows_vec_kernel<T, J, Rows, SCATTER>, grid, T, 0, s, rows, len, act, q, scales, dest)
+  if (count <= 64 && len > 1024) {
+    if (len <= 4096) MOEFFI_QUANT_VEC(1024, 1);
+    else if (len <= 8192) MOEFFI_QUANT_VEC(1024, 2);
+    else MOEFFI_QUANT_VEC(1024, 4);
+  } else if (len <= 1024) MOEFFI_QUANT_VEC(256, 1);
+  else if (len <= 2048) MOEFFI_QUANT_VEC(256, 2);
+  else if (len <= 4096) MOEFFI_QUANT_VEC(256, 4);
+  else if (len <= 8192) MOEFFI_QUANT_VEC(256, 8);
+  else MOEFFI_QUANT_VEC(512, 8);
+#undef MOEFFI_QUANT_VEC
+}
+
 // Quantizes rows [0, count) (those that exist) under a dynamic per-token or 1x128 scheme with the
-// register kernel when the row fits (len % 4 == 0, len <= 16384), else with the looping one. Blocks
-// of 256 threads up to 8192 elements (many small blocks overlap one another's load and reduction
-// phases; 1024-thread blocks were 2.5x slower on 7168-wide rows, NOTES.md), 512 above; 1024 for at
-// most 64 rows (decode, where one row's latency is the kernel's time). With pdl the
-// launch may overlap the end of the previous kernel (pdl.cuh).
+// register kernel when the row fits, else with the looping one. With pdl the launch may overlap the
+// end of the previous kernel (pdl.cuh).
 template <class Rows>
 void launch_quantize_rows(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
                           cudaStream_t s, bool pdl = false) {
-  const dim3 grid((unsigned)count);
-  if (len % 4 || len > 16384)
-    launch_pdl(pdl, quantize_rows_kernel<Rows>, grid, QUANT_THREADS, 0, s, rows, len, ActScheme{act, nullptr, nullptr}, q, scales);
-  else if (count <= 64 && len > 1024) { // decode: few rows, so 1024 threads a row shorten each thread's chain
-    if (len <= 4096) launch_pdl(pdl, quantize_rows_vec_kernel<1024, 1, Rows>, grid, 1024, 0, s, rows, len, act, q, scales);
-    else if (len <= 8192) launch_pdl(pdl, quantize_rows_vec_kernel<1024, 2, Rows>, grid, 1024, 0, s, rows, len, act, q, scales);
-    else launch_pdl(pdl, quantize_rows_vec_kernel<1024, 4, Rows>, grid, 1024, 0, s, rows, len, act, q, scales);
-  } else if (len <= 1024) launch_pdl(pdl, quantize_rows_vec_kernel<256, 1, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
-  else if (len <= 2048) launch_pdl(pdl, quantize_rows_vec_kernel<256, 2, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
-  else if (len <= 4096) launch_pdl(pdl, quantize_rows_vec_kernel<256, 4, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
-  else if (len <= 8192) launch_pdl(pdl, quantize_rows_vec_kernel<256, 8, Rows>, grid, 256, 0, s, rows, len, act, q, scales);
-  else launch_pdl(pdl, quantize_rows_vec_kernel<512, 8, Rows>, grid, 512, 0, s, rows, len, act, q, scales);
+  if (quantize_fits(len)) launch_quantize_rows_vec<false>(rows, count, len, act, q, scales, s, pdl, RowDest{});
+  else launch_pdl(pdl, quantize_rows_kernel<Rows>, dim3((unsigned)count), QUANT_THREADS, 0, s, rows, len, ActScheme{act, nullptr, nullptr}, q, scales);
+}
+
+// The same, each row's codes and scales written to dest's rows; needs quantize_fits(len).
+template <class Rows>
+void launch_quantize_rows_scattered(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
+                                    cudaStream_t s, bool pdl, RowDest dest) {
+  launch_quantize_rows_vec<true>(rows, count, len, act, q, scales, s, pdl, dest);
 }
 
 } // namespace moeffi

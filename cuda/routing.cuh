@@ -4,8 +4,8 @@
 // holding its pairs sorted by pair index t * topk + j, whatever the thread scheduling. Integer
 // atomics only count; they never decide an order.
 //
-// Buffers (int32): hist [route_chunks(pairs), E], offsets [E+1], perm [pairs] (gathered row ->
-// pair), inv [pairs] (pair -> gathered row, -1 for an empty or invalid slot).
+// Buffers (int32): hist [E, route_chunks(pairs)] (expert-major), offsets [E+1], perm [pairs]
+// (gathered row -> pair), inv [pairs] (pair -> gathered row, -1 for an empty or invalid slot).
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -16,7 +16,7 @@
 
 namespace moeffi {
 
-constexpr int ROUTE_CHUNK = 1024; // pairs per histogram / scatter block
+constexpr int ROUTE_CHUNK = 256; // pairs per histogram / scatter block (a scatter warp walks them in turn)
 constexpr int SCAN_THREADS = 1024;
 
 inline int route_chunks(int64_t pairs) { return (int)((pairs + ROUTE_CHUNK - 1) / ROUTE_CHUNK); }
@@ -46,56 +46,54 @@ template <class T> __device__ T block_exclusive_scan(T v, T *smem) {
   return r;
 }
 
-// Block c: hist[c, e] = pairs of chunk c routed to expert e. An id outside [-1, E) counts nowhere
+// Block c: hist[e, c] = pairs of chunk c routed to expert e. An id outside [-1, E) counts nowhere
 // and raises MOEFFI_ERROR_TOPK_ID.
 static __global__ void __launch_bounds__(256)
     route_histogram_kernel(const int32_t *ids, int pairs, int E, int *hist, uint32_t *error_flags) {
-  int *h = hist + (int64_t)blockIdx.x * E;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) h[e] = 0;
+  const int64_t chunks = gridDim.x;
+  int *h = hist + blockIdx.x;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) h[e * chunks] = 0;
   __syncthreads();
   const int64_t begin = (int64_t)blockIdx.x * ROUTE_CHUNK, end = min((int64_t)pairs, begin + ROUTE_CHUNK);
   bool bad = false;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const int e = ids[i];
-    if (e >= 0 && e < E) atomicAdd(&h[e], 1);
+    if (e >= 0 && e < E) atomicAdd(&h[e * chunks], 1);
     else bad |= e != -1;
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0 && error_flags) atomicOr(error_flags, MOEFFI_ERROR_TOPK_ID);
 }
 
-// One block of SCAN_THREADS: hist[c, e] becomes the first gathered row of chunk c's pairs of expert
-// e, offsets[e] the expert's first row and offsets[E] the count of routed pairs. Each thread owns a
-// contiguous run of experts, so the block scan of the per-thread totals orders them.
+// One block of SCAN_THREADS: the exclusive prefix sum of hist in its expert-major order, so
+// hist[e, c] becomes the first gathered row of chunk c's pairs of expert e; offsets[e] = hist[e, 0],
+// offsets[E] = the count of routed pairs. Each thread owns a contiguous run of entries.
 static __global__ void __launch_bounds__(SCAN_THREADS) route_scan_kernel(int *hist, int chunks, int E, int *offsets) {
-  __shared__ int smem[SCAN_THREADS];
-  const int seg = (E + SCAN_THREADS - 1) / SCAN_THREADS;
-  const int lo = (int)min((int64_t)E, (int64_t)threadIdx.x * seg), hi = min(E, lo + seg);
+  __shared__ int smem[SCAN_THREADS / 32];
+  const int n = E * chunks, seg = (n + SCAN_THREADS - 1) / SCAN_THREADS; // n < 2^31: the workspace holds it
+  const int lo = min(n, (int)threadIdx.x * seg), hi = min(n, lo + seg);
   int total = 0;
-  for (int e = lo; e < hi; e++) {
-    int run = 0;
-    for (int c = 0; c < chunks; c++) {
-      int *h = hist + (int64_t)c * E + e;
-      const int n = *h;
-      *h = run;
-      run += n;
+  for (int i = lo; i < hi; i++) total += hist[i];
+  int run = block_exclusive_scan(total, smem);
+  for (int i0 = lo, e = lo / chunks, c = lo % chunks; i0 < hi; i0 += 8) {
+    int v[8]; // eight loads in flight before the stores (a store to hist would otherwise fence each next load)
+#pragma unroll
+    for (int u = 0; u < 8; u++) v[u] = i0 + u < hi ? hist[i0 + u] : 0;
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+      if (i0 + u >= hi) break;
+      hist[i0 + u] = run;
+      if (c == 0) offsets[e] = run;
+      run += v[u];
+      if (++c == chunks) c = 0, e++;
     }
-    offsets[e] = run; // the expert's count until the scan below
-    total += run;
   }
-  int base = block_exclusive_scan(total, smem);
-  for (int e = lo; e < hi; e++) {
-    const int n = offsets[e];
-    offsets[e] = base;
-    for (int c = 0; c < chunks; c++) hist[(int64_t)c * E + e] += base;
-    base += n;
-  }
-  if (threadIdx.x == SCAN_THREADS - 1) offsets[E] = base;
+  if (threadIdx.x == SCAN_THREADS - 1) offsets[E] = run;
 }
 
 // One warp walks pairs [begin, end) 32 at a time in order; lanes of one expert take consecutive rows
-// in lane order (__match_any_sync), and cursor[e] is the next free row of expert e.
-__device__ __forceinline__ void scatter_walk(const int32_t *ids, int64_t begin, int64_t end, int E, int *cursor, int *perm,
-                                             int *inv) {
+// in lane order (__match_any_sync), and cursor[e * stride] is the next free row of expert e.
+__device__ __forceinline__ void scatter_walk(const int32_t *ids, int64_t begin, int64_t end, int E, int *cursor,
+                                             int64_t stride, int *perm, int *inv) {
   const int lane = threadIdx.x % 32;
   for (int64_t i0 = begin; i0 < end; i0 += 32) {
     const int64_t i = i0 + lane;
@@ -105,21 +103,21 @@ __device__ __forceinline__ void scatter_walk(const int32_t *ids, int64_t begin, 
     const int rank = __popc(same & ((1u << lane) - 1u));
     int row = -1;
     if (routed) {
-      row = cursor[e] + rank;
+      row = cursor[e * stride] + rank;
       perm[row] = (int)i;
     }
     __syncwarp(); // every lane has read its cursor before the first lane of each expert moves it
-    if (routed && rank == 0) cursor[e] += __popc(same);
+    if (routed && rank == 0) cursor[e * stride] += __popc(same);
     __syncwarp();
     if (i < end) inv[i] = row;
   }
 }
 
-// One warp per chunk; hist[c, :] (from route_scan_kernel) is the chunk's per-expert cursor.
+// One warp per chunk; hist[:, c] (from route_scan_kernel) is the chunk's per-expert cursor.
 static __global__ void __launch_bounds__(32)
     route_scatter_kernel(const int32_t *ids, int pairs, int E, int *hist, int *perm, int *inv) {
   const int64_t begin = (int64_t)blockIdx.x * ROUTE_CHUNK, end = min((int64_t)pairs, begin + ROUTE_CHUNK);
-  scatter_walk(ids, begin, end, E, hist + (int64_t)blockIdx.x * E, perm, inv);
+  scatter_walk(ids, begin, end, E, hist + blockIdx.x, gridDim.x, perm, inv);
 }
 
 // One block of SCAN_THREADS: tile_start[e] = first `rows`-row tile of expert e in a grouped GEMM grid,
@@ -138,7 +136,7 @@ static __global__ void __launch_bounds__(SCAN_THREADS) tile_scan_kernel(const in
   if (threadIdx.x == SCAN_THREADS - 1) tile_start[E] = base;
 }
 
-// Decode-sized routing (pairs <= ROUTE_CHUNK, E <= SMALL_ROUTE_E) in one block of SCAN_THREADS, with
+// Decode-sized routing (pairs <= SCAN_THREADS, E <= SMALL_ROUTE_E) in one block of SCAN_THREADS, with
 // the same layout as the three kernels above (and tile_start as tile_scan_kernel's when asked): at
 // these sizes each kernel boundary costs more than the work.
 constexpr int SMALL_ROUTE_E = 4096;
@@ -171,7 +169,7 @@ static __global__ void __launch_bounds__(SCAN_THREADS)
     if (tile_start) tile_start[E] = tbase;
   }
   __syncthreads();
-  if (t < 32) scatter_walk(ids, 0, pairs, E, count, perm, inv);
+  if (t < 32) scatter_walk(ids, 0, pairs, E, count, 1, perm, inv);
 }
 
 // Enqueues the routing of `pairs` > 0 (token, slot) ids on stream s (one kernel at decode sizes,
@@ -179,7 +177,7 @@ static __global__ void __launch_bounds__(SCAN_THREADS)
 // left for the caller's cudaGetLastError.
 inline void launch_routing(const int32_t *ids, int pairs, int E, int *hist, int *offsets, int *perm, int *inv,
                            uint32_t *error_flags, cudaStream_t s, int tile_rows = 0, int *tile_start = nullptr) {
-  if (pairs <= ROUTE_CHUNK && E <= SMALL_ROUTE_E) {
+  if (pairs <= SCAN_THREADS && E <= SMALL_ROUTE_E) {
     route_small_kernel<<<1, SCAN_THREADS, 0, s>>>(ids, pairs, E, offsets, perm, inv, error_flags, tile_rows, tile_start);
     return;
   }
@@ -205,54 +203,61 @@ static __global__ void __launch_bounds__(256) combine_kernel(const float *y, con
   }
 }
 
-// Four values of y at element i (16-byte aligned): fp32, or bf16 widened exactly.
-__device__ __forceinline__ float4 load4(const float *y, int64_t i) { return *(const float4 *)(y + i); }
-__device__ __forceinline__ float4 load4(const uint16_t *y, int64_t i) {
-  float v[4];
-  bf16x4_values(*(const uint2 *)(y + i), v);
-  return make_float4(v[0], v[1], v[2], v[3]);
+// The V = 16 / sizeof(Y) values of y in one 16-byte word (fp32, or bf16 widened exactly).
+__device__ __forceinline__ void vec_values(const float *, const uint4 &b, float (&v)[4]) {
+  v[0] = __uint_as_float(b.x), v[1] = __uint_as_float(b.y), v[2] = __uint_as_float(b.z), v[3] = __uint_as_float(b.w);
+}
+__device__ __forceinline__ void vec_values(const uint16_t *, const uint4 &b, float (&v)[8]) {
+  const uint32_t words[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int j = 0; j < 4; j++) v[2 * j] = __uint_as_float(words[j] << 16), v[2 * j + 1] = __uint_as_float(words[j] & 0xFFFF0000u);
 }
 
-// combine_kernel four columns at a time (K % 4 == 0): vector loads of y (fp32 or bf16), 8-byte
-// stores, the same fixed order and roundings per element. y may come as `splits` partial sums
-// `stride` apart (a GEMM that split K), added in split order before the weighting.
-template <typename Y>
-static __global__ void __launch_bounds__(256) combine4_kernel(const Y *y, int splits, int64_t stride, const int *inv,
-                                                              const float *w, int64_t tokens, int topk, int64_t K,
-                                                              uint16_t *out) {
+// combine_kernel V columns at a time with 16-byte loads of y (fp32 or bf16; K % V == 0), the same
+// fixed order and roundings per element. Grid (ceil(K / V / 256), tokens): a block's threads share
+// one token's slots and weights, and no index needs a division. Each slot's word stays raw until
+// its weighting (bf16: 64 registers, four blocks and their loads in flight per SM). y may
+// come as `splits` fp32 partial sums `stride` apart (a GEMM that split K), added in split order first.
+template <typename Y, int V = 16 / sizeof(Y)>
+static __global__ void __launch_bounds__(256, sizeof(Y) == 2 ? 4 : 1) combine_vec_kernel(const Y *y, int splits, int64_t stride, const int *inv,
+                                                                 const float *w, int topk, int64_t K, uint16_t *out) {
   pdl_wait(); // y comes from the previous kernel (when launched with launch_pdl)
   pdl_trigger();
-  const int64_t quads = tokens * K / 4;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < quads; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t t = 4 * i / K, c = 4 * i % K;
-    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int j0 = 0; j0 < topk; j0 += 8) { // up to 8 slots' loads in flight before the first add (decode latency)
-      int row[8];
-      float wj[8];
-      float4 v[8];
+  const int64_t t = blockIdx.y, c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (c >= K) return;
+  float sum[V] = {};
+  for (int j0 = 0; j0 < topk; j0 += 8) { // up to 8 slots' loads in flight before the first add (decode latency)
+    int row[8];
+    uint4 raw[8];
 #pragma unroll
-      for (int u = 0; u < 8; u++) row[u] = j0 + u < topk ? inv[t * topk + j0 + u] : -1;
+    for (int u = 0; u < 8; u++) row[u] = j0 + u < topk ? inv[t * topk + j0 + u] : -1;
 #pragma unroll
-      for (int u = 0; u < 8; u++) {
-        if (row[u] < 0) continue;
-        wj[u] = w[t * topk + j0 + u];
-        v[u] = load4(y, (int64_t)row[u] * K + c);
-        for (int z = 1; z < splits; z++) {
-          const float4 p = load4(y, z * stride + (int64_t)row[u] * K + c);
-          v[u].x = add_rn(v[u].x, p.x), v[u].y = add_rn(v[u].y, p.y), v[u].z = add_rn(v[u].z, p.z), v[u].w = add_rn(v[u].w, p.w);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 8; u++) {
-        if (row[u] < 0) continue;
-        sum.x = add_rn(sum.x, mul_rn(wj[u], v[u].x)), sum.y = add_rn(sum.y, mul_rn(wj[u], v[u].y));
-        sum.z = add_rn(sum.z, mul_rn(wj[u], v[u].z)), sum.w = add_rn(sum.w, mul_rn(wj[u], v[u].w));
+    for (int u = 0; u < 8; u++) {
+      if (row[u] < 0) continue;
+      raw[u] = *(const uint4 *)(y + (int64_t)row[u] * K + c);
+      for (int z = 1; z < splits; z++) { // fp32 only
+        const uint4 p = *(const uint4 *)(y + z * stride + (int64_t)row[u] * K + c);
+        raw[u] = make_uint4(__float_as_uint(add_rn(__uint_as_float(raw[u].x), __uint_as_float(p.x))),
+                            __float_as_uint(add_rn(__uint_as_float(raw[u].y), __uint_as_float(p.y))),
+                            __float_as_uint(add_rn(__uint_as_float(raw[u].z), __uint_as_float(p.z))),
+                            __float_as_uint(add_rn(__uint_as_float(raw[u].w), __uint_as_float(p.w))));
       }
     }
-    const uint2 packed = {(uint32_t)f32_to_bf16(sum.x) | ((uint32_t)f32_to_bf16(sum.y) << 16),
-                          (uint32_t)f32_to_bf16(sum.z) | ((uint32_t)f32_to_bf16(sum.w) << 16)};
-    *(uint2 *)(out + 4 * i) = packed;
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+      if (row[u] < 0) continue;
+      const float wj = w[t * topk + j0 + u];
+      float v[V];
+      vec_values(y, raw[u], v);
+#pragma unroll
+      for (int i = 0; i < V; i++) sum[i] = add_rn(sum[i], mul_rn(wj, v[i]));
+    }
   }
+  uint32_t packed[V / 2];
+#pragma unroll
+  for (int i = 0; i < V / 2; i++) packed[i] = (uint32_t)f32_to_bf16(sum[2 * i]) | ((uint32_t)f32_to_bf16(sum[2 * i + 1]) << 16);
+#pragma unroll
+  for (int i = 0; i < V / 4; i++) *(uint2 *)(out + t * K + c + 4 * i) = make_uint2(packed[2 * i], packed[2 * i + 1]); // out: 8-byte aligned
 }
 
 } // namespace moeffi

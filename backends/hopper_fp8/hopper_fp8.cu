@@ -838,22 +838,6 @@ int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const Gemm
   return MOEFFI_OK;
 }
 
-// Rows [0, *count) of xq / xs (expert order) from the per-token codes and scales: row r is token
-// perm[r] / topk. 16-byte copies (K % 16 == 0); a block per row at a time.
-static __global__ void __launch_bounds__(256) gather_rows_kernel(const uint8_t *tq, const float *ts, const int *perm,
-                                                                 int topk, const int *count, int64_t K, int groups,
-                                                                 uint8_t *xq, float *xs) {
-  pdl_wait(); // the codes come from the previous kernel
-  pdl_trigger();
-  for (int64_t r = blockIdx.x; r < *count; r += gridDim.x) {
-    const int64_t t = perm[r] / topk;
-    const uint4 *src = (const uint4 *)(tq + t * K);
-    uint4 *dst = (uint4 *)(xq + r * K);
-    for (int64_t i = threadIdx.x; i < K / 16; i += blockDim.x) dst[i] = src[i];
-    for (int i = threadIdx.x; i < groups; i += blockDim.x) xs[r * groups + i] = ts[t * groups + i];
-  }
-}
-
 int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tensors *t, char *base, cudaStream_t s,
                     char *msg, uint32_t cap) {
   const Plan w = plan_workspace(p);
@@ -874,18 +858,13 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     CUtensorMap amap1, amap2;
     if ((st = make_map(&amap1, xq, pc, K, rows, msg, cap)) || (st = make_map(&amap2, hq, pc, N, rows, msg, cap))) return st;
     launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s, rows, tiles);
-    // Prefill quantizes each token once (into acc, free until GEMM 1) and gathers its fp8 rows: topk x
-    // fewer rows to quantize (deepseek M=4096 -7%, NOTES.md); MOEFFI_HOPPER_PAIR_QUANT=1 quantizes per pair.
+    // Prefill quantizes each token once and writes its codes to each of its routed rows (inv): topk x
+    // fewer rows to quantize than per pair, and no gather pass (deepseek M=4096: 181 -> 111 us, NOTES.md);
+    // MOEFFI_HOPPER_PAIR_QUANT=1 quantizes per pair.
     static const bool per_pair = getenv("MOEFFI_HOPPER_PAIR_QUANT") != nullptr;
-    if (!tok && topk > 1 && !per_pair) {
-      uint8_t *tq = (uint8_t *)acc;
-      float *ts = (float *)(base + w.acc + ((uint64_t)mc * K + 15) / 16 * 16);
-      launch_quantize_rows(Bf16Rows{x + t0 * K, K}, mc, K, act, tq, ts, s, use_pdl());
-      launch_pdl(use_pdl(), gather_rows_kernel, dim3((unsigned)std::min<int64_t>(pc, 8 * h->sms)), 256, 0, s, (const uint8_t *)tq,
-                 (const float *)ts, (const int *)perm, topk, (const int *)(offsets + E), K, (int)act_groups(act, K), xq, xs);
-    } else {
-      launch_quantize_rows(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, pc, K, act, xq, xs, s, use_pdl());
-    }
+    if (!tok && topk > 1 && !per_pair && quantize_fits(K))
+      launch_quantize_rows_scattered(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s, use_pdl(), RowDest{inv, topk});
+    else launch_quantize_rows(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, pc, K, act, xq, xs, s, use_pdl());
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 routing and quantization");
     // Wide tiles (prefill) write h and y in bf16, as the peers do: half the bytes of fp32 between the
     // kernels (1-2% of the layer at M = 4096, NOTES.md); swapped tiles (decode) keep fp32, whose K-split
@@ -904,11 +883,12 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
                          p->weight_scale, scale_count(p->weight_scale, K, N), wide ? nullptr : acc,
                          wide ? (uint16_t *)acc : nullptr, nullptr, 0, 0, (int64_t)pc * K};
     if ((st = launch_gemm(amap2, h->map2[map_index(tok, bn2)], g2, pc, tok, bn2, h->sms, s, msg, cap, splits))) return st;
-    const dim3 cgrid((unsigned)ceil_div(mc * K / 4, 256));
     const float *tw = (const float *)t->topk_weights + t0 * topk;
     uint16_t *out = (uint16_t *)t->out + t0 * K;
-    if (wide) launch_pdl(use_pdl(), combine4_kernel<uint16_t>, cgrid, 256, 0, s, (const uint16_t *)acc, 1, (int64_t)0, inv, tw, mc, topk, K, out);
-    else launch_pdl(use_pdl(), combine4_kernel<float>, cgrid, 256, 0, s, (const float *)acc, splits, (int64_t)pc * K, inv, tw, mc, topk, K, out);
+    if (wide) launch_pdl(use_pdl(), combine_vec_kernel<uint16_t>, dim3((unsigned)ceil_div(K, 8 * 256), (unsigned)mc), 256, 0, s,
+                         (const uint16_t *)acc, 1, (int64_t)0, inv, tw, topk, K, out);
+    else launch_pdl(use_pdl(), combine_vec_kernel<float>, dim3((unsigned)ceil_div(K, 4 * 256), (unsigned)mc), 256, 0, s,
+                    (const float *)acc, splits, (int64_t)pc * K, inv, tw, topk, K, out);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_moe kernels");
   }
   return MOEFFI_OK;
@@ -989,7 +969,7 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  return moeffi_fill_manifest(out, "hopper_fp8", "0.5.1", "sm_90a", MOEFFI_DEVICE_CUDA,
+  return moeffi_fill_manifest(out, "hopper_fp8", "0.5.2", "sm_90a", MOEFFI_DEVICE_CUDA,
                               (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM),
                               MOEFFI_ALL_WEIGHT_SCALES,
                               (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
