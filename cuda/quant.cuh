@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
+
 #include "moeffi.h"
 #include "numerics.cuh"
 #include "pdl.cuh"
@@ -146,18 +148,14 @@ struct RowDest {
 };
 
 // The same quantization with the row held in registers (dynamic per-token and 1x128 groups only):
-// T threads, 4 consecutive elements each, so a 1x128 group is one warp (shuffles only). Every load of
-// the row is issued before any arithmetic (rows provide fetch -> Raw, then values), so a short
-// row costs one memory latency and a long one streams. Needs len % 4 == 0 and len <= J * 4 * T.
+// T threads (thread t of them), 4 consecutive elements each, so a 1x128 group is one warp (shuffles
+// only). Every load of the row is issued before any arithmetic (rows provide fetch -> Raw, then
+// values), so a short row costs one memory latency and a long one streams. Needs len % 4 == 0 and
+// len <= J * 4 * T. part: T / 32 floats of shared memory (unused when T == 32: one warp, no barrier).
 template <int T, int J, class Rows, bool SCATTER> // SCATTER: dest.map is set (a template flag: no registers otherwise)
-static __global__ void __launch_bounds__(T)
-    quantize_rows_vec_kernel(Rows rows, int64_t len, uint32_t act, uint8_t *q, float *scales, RowDest dest) {
-  __shared__ float part[T / 32];
-  pdl_wait(); // the rows come from the previous kernel (when launched with launch_pdl)
-  pdl_trigger();
-  const int64_t r = blockIdx.x;
-  if (!rows.exists(r)) return;
-  const int t = threadIdx.x, lane = t % 32;
+__device__ __forceinline__ void quantize_row(const Rows &rows, int64_t r, int t, int64_t len, uint32_t act, uint8_t *q,
+                                             float *scales, const RowDest &dest, float *part) {
+  const int lane = t % 32;
   typename Rows::Raw raw[J];
 #pragma unroll
   for (int j = 0; j < J; j++) {
@@ -179,10 +177,12 @@ static __global__ void __launch_bounds__(T)
 #pragma unroll
     for (int j = 0; j < J; j++) m = amax_step(amax_step(amax_step(amax_step(m, v[j][0]), v[j][1]), v[j][2]), v[j][3]);
     for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
-    if (lane == 0) part[t / 32] = m;
-    __syncthreads();
+    if constexpr (T > 32) {
+      if (lane == 0) part[t / 32] = m;
+      __syncthreads();
 #pragma unroll
-    for (int w = 0; w < T / 32; w++) m = fmaxf(m, part[w]);
+      for (int w = 0; w < T / 32; w++) m = fmaxf(m, part[w]);
+    }
     const float s = dynamic_scale(m);
     inv_row = div_rn(1.0f, s);
     if (t == 0)
@@ -222,17 +222,50 @@ static __global__ void __launch_bounds__(T)
   }
 }
 
+template <int T, int J, class Rows, bool SCATTER>
+static __global__ void __launch_bounds__(T)
+    quantize_rows_vec_kernel(Rows rows, int64_t len, uint32_t act, uint8_t *q, float *scales, RowDest dest) {
+  __shared__ float part[T / 32];
+  pdl_wait(); // the rows come from the previous kernel (when launched with launch_pdl)
+  pdl_trigger();
+  if (rows.exists(blockIdx.x)) quantize_row<T, J, Rows, SCATTER>(rows, blockIdx.x, threadIdx.x, len, act, q, scales, dest, part);
+}
+
+// Short rows (len <= 128 J) a warp each, eight warps a block, the grid striding over the rows: with
+// a block per row, the block launches themselves bound short rows (qwen3's 768-wide h: 67 -> 54 us for
+// 50 MB read, NOTES.md).
+constexpr int QUANT_WARP_BLOCK = 256;
+template <int J, class Rows, bool SCATTER>
+static __global__ void __launch_bounds__(QUANT_WARP_BLOCK, 3) // 85 registers: three blocks, 24 rows in flight per SM
+    quantize_rows_warp_kernel(Rows rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales, RowDest dest) {
+  pdl_wait(); // the rows come from the previous kernel (when launched with launch_pdl)
+  pdl_trigger();
+  constexpr int WARPS = QUANT_WARP_BLOCK / 32;
+  for (int64_t r = (int64_t)blockIdx.x * WARPS + threadIdx.x / 32; r < count; r += (int64_t)gridDim.x * WARPS)
+    if (rows.exists(r)) quantize_row<32, J, Rows, SCATTER>(rows, r, threadIdx.x % 32, len, act, q, scales, dest, nullptr);
+}
+
 // Whether the register kernel takes rows of len elements.
 inline bool quantize_fits(int64_t len) { return len % 4 == 0 && len <= 16384; }
 
-// The register kernel's launch: blocks of 256 threads up to 8192 elements (many small blocks overlap
-// one another's load and reduction phases; 1024-thread blocks were 2.5x slower on 7168-wide rows,
-// NOTES.md), 512 above; 1024 for at most 64 rows (decode, where one row's latency is the kernel's time).
+// The register kernel's launch: beyond 64 rows, bf16 rows up to 1024 elements a warp each
+// (quantize_rows_warp_kernel); other rows a block each, of 256 threads up to 8192
+// elements (many small blocks overlap one another's load and reduction phases; 1024-thread blocks
+// were 2.5x slower on 7168-wide rows, NOTES.md), 512 above; 1024 for at most 64 rows (decode, where
+// one row's latency is the kernel's time).
 template <bool SCATTER, class Rows>
 void launch_quantize_rows_vec(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
                               cudaStream_t s, bool pdl, RowDest dest) {
-  const dim3 grid((unsigned)count);
+  const dim3 grid((unsigned)count), wgrid((unsigned)std::min<int64_t>((count + 7) / 8, 2048));
 #define MOEFFI_QUANT_VEC(T, J) launch_pdl(pdl, quantize_rows_vec_kernel<T, J, Rows, SCATTER>, grid, T, 0, s, rows, len, act, q, scales, dest)
+#define MOEFFI_QUANT_WARP(J) \
+  launch_pdl(pdl, quantize_rows_warp_kernel<J, Rows, SCATTER>, wgrid, QUANT_WARP_BLOCK, 0, s, rows, count, len, act, q, scales, dest)
+  if constexpr (sizeof(typename Rows::Raw) == 8) { // bf16 rows (fp32 ones need twice the registers)
+    if (count > 64 && len <= 1024) {
+      MOEFFI_QUANT_WARP(8);
+      return;
+    }
+  }
   if (count <= 64 && len > 1024) {
     if (len <= 4096) MOEFFI_QUANT_VEC(1024, 1);
     else if (len <= 8192) MOEFFI_QUANT_VEC(1024, 2);
@@ -242,6 +275,7 @@ void launch_quantize_rows_vec(const Rows &rows, int64_t count, int64_t len, uint
   else if (len <= 4096) MOEFFI_QUANT_VEC(256, 4);
   else if (len <= 8192) MOEFFI_QUANT_VEC(256, 8);
   else MOEFFI_QUANT_VEC(512, 8);
+#undef MOEFFI_QUANT_WARP
 #undef MOEFFI_QUANT_VEC
 }
 

@@ -66,18 +66,33 @@ static __global__ void __launch_bounds__(256)
 
 // One block of SCAN_THREADS: the exclusive prefix sum of hist in its expert-major order, so
 // hist[e, c] becomes the first gathered row of chunk c's pairs of expert e; offsets[e] = hist[e, 0],
-// offsets[E] = the count of routed pairs. Each thread owns a contiguous run of entries.
+// offsets[E] = the count of routed pairs. Each thread owns a contiguous run of entries, a multiple of
+// 8, read 8 at a time (two 16-byte words where hist is 16-byte aligned): a run of scalar loads, each
+// behind the previous store to hist, took 20 us for qwen3's 128 x 128 entries (NOTES.md).
+__device__ __forceinline__ void load8(const int *p, int i, int hi, int (&v)[8]) {
+  if (i + 8 <= hi && (uintptr_t)(p + i) % 16 == 0) {
+    const int4 a = *(const int4 *)(p + i), b = *(const int4 *)(p + i + 4);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int u = 0; u < 8; u++) v[u] = i + u < hi ? p[i + u] : 0;
+  }
+}
 static __global__ void __launch_bounds__(SCAN_THREADS) route_scan_kernel(int *hist, int chunks, int E, int *offsets) {
   __shared__ int smem[SCAN_THREADS / 32];
-  const int n = E * chunks, seg = (n + SCAN_THREADS - 1) / SCAN_THREADS; // n < 2^31: the workspace holds it
+  const int n = E * chunks, seg = (n + 8 * SCAN_THREADS - 1) / (8 * SCAN_THREADS) * 8; // n < 2^31: the workspace holds it
   const int lo = min(n, (int)threadIdx.x * seg), hi = min(n, lo + seg);
   int total = 0;
-  for (int i = lo; i < hi; i++) total += hist[i];
+  for (int i0 = lo; i0 < hi; i0 += 8) {
+    int v[8];
+    load8(hist, i0, hi, v);
+#pragma unroll
+    for (int u = 0; u < 8; u++) total += v[u];
+  }
   int run = block_exclusive_scan(total, smem);
   for (int i0 = lo, e = lo / chunks, c = lo % chunks; i0 < hi; i0 += 8) {
-    int v[8]; // eight loads in flight before the stores (a store to hist would otherwise fence each next load)
-#pragma unroll
-    for (int u = 0; u < 8; u++) v[u] = i0 + u < hi ? hist[i0 + u] : 0;
+    int v[8];
+    load8(hist, i0, hi, v);
 #pragma unroll
     for (int u = 0; u < 8; u++) {
       if (i0 + u >= hi) break;
