@@ -66,43 +66,48 @@ static __global__ void __launch_bounds__(256)
 
 // One block of SCAN_THREADS: the exclusive prefix sum of hist in its expert-major order, so
 // hist[e, c] becomes the first gathered row of chunk c's pairs of expert e; offsets[e] = hist[e, 0],
-// offsets[E] = the count of routed pairs. Each thread owns a contiguous run of entries, a multiple of
-// 8, read 8 at a time (two 16-byte words where hist is 16-byte aligned): a run of scalar loads, each
-// behind the previous store to hist, took 20 us for qwen3's 128 x 128 entries (NOTES.md).
-__device__ __forceinline__ void load8(const int *p, int i, int hi, int (&v)[8]) {
-  if (i + 8 <= hi && (uintptr_t)(p + i) % 16 == 0) {
-    const int4 a = *(const int4 *)(p + i), b = *(const int4 *)(p + i + 4);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  } else {
-#pragma unroll
-    for (int u = 0; u < 8; u++) v[u] = i + u < hi ? p[i + u] : 0;
-  }
-}
+// offsets[E] = the count of routed pairs. Each warp owns a contiguous run of whole 32-entry steps
+// and walks it a lane per entry, so every load and store is coalesced (a thread per contiguous run
+// made each warp access touch 32 sectors: 17 us for qwen3's 128 x 128 entries, NOTES.md), with
+// SCAN_BATCH steps' loads in flight at a time.
+constexpr int SCAN_BATCH = 4;
 static __global__ void __launch_bounds__(SCAN_THREADS) route_scan_kernel(int *hist, int chunks, int E, int *offsets) {
   __shared__ int smem[SCAN_THREADS / 32];
-  const int n = E * chunks, seg = (n + 8 * SCAN_THREADS - 1) / (8 * SCAN_THREADS) * 8; // n < 2^31: the workspace holds it
-  const int lo = min(n, (int)threadIdx.x * seg), hi = min(n, lo + seg);
+  constexpr int WARPS = SCAN_THREADS / 32;
+  const int n = E * chunks, lane = threadIdx.x % 32, w = threadIdx.x / 32; // n < 2^31: the workspace holds it
+  const int steps = (n + 32 * WARPS - 1) / (32 * WARPS), lo = w * steps * 32, hi = min(n, lo + steps * 32);
   int total = 0;
-  for (int i0 = lo; i0 < hi; i0 += 8) {
-    int v[8];
-    load8(hist, i0, hi, v);
+  for (int i0 = lo; i0 < hi; i0 += 32 * SCAN_BATCH) {
+    int v[SCAN_BATCH];
 #pragma unroll
-    for (int u = 0; u < 8; u++) total += v[u];
+    for (int b = 0; b < SCAN_BATCH; b++) v[b] = i0 + 32 * b + lane < hi ? hist[i0 + 32 * b + lane] : 0;
+#pragma unroll
+    for (int b = 0; b < SCAN_BATCH; b++) total += v[b];
   }
-  int run = block_exclusive_scan(total, smem);
-  for (int i0 = lo, e = lo / chunks, c = lo % chunks; i0 < hi; i0 += 8) {
-    int v[8];
-    load8(hist, i0, hi, v);
+  for (int o = 16; o; o >>= 1) total += __shfl_xor_sync(0xFFFFFFFFu, total, o);
+  int carry = block_exclusive_scan(lane == 0 ? total : 0, smem); // lane 0 carries its warp's total
+  carry = __shfl_sync(0xFFFFFFFFu, carry, 0);
+  for (int i0 = lo; i0 < hi; i0 += 32 * SCAN_BATCH) {
+    int v[SCAN_BATCH];
 #pragma unroll
-    for (int u = 0; u < 8; u++) {
-      if (i0 + u >= hi) break;
-      hist[i0 + u] = run;
-      if (c == 0) offsets[e] = run;
-      run += v[u];
-      if (++c == chunks) c = 0, e++;
+    for (int b = 0; b < SCAN_BATCH; b++) v[b] = i0 + 32 * b + lane < hi ? hist[i0 + 32 * b + lane] : 0;
+#pragma unroll
+    for (int b = 0; b < SCAN_BATCH; b++) {
+      const int i = i0 + 32 * b + lane;
+      int incl = v[b];
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+        if (lane >= o) incl += y;
+      }
+      const int excl = carry + incl - v[b];
+      if (i < hi) {
+        hist[i] = excl;
+        if (i % chunks == 0) offsets[i / chunks] = excl;
+      }
+      carry += __shfl_sync(0xFFFFFFFFu, incl, 31);
     }
   }
-  if (threadIdx.x == SCAN_THREADS - 1) offsets[E] = run;
+  if (threadIdx.x == SCAN_THREADS - 1) offsets[E] = carry; // the last warp's carry is the total (empty runs keep it)
 }
 
 // One warp walks pairs [begin, end) 32 at a time in order; lanes of one expert take consecutive rows
