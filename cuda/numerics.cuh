@@ -61,6 +61,17 @@ MOEFFI_HD float div_rn(float a, float b) {
 }
 
 MOEFFI_HD float bf16_to_f32(uint16_t h) { return float_of((uint32_t)h << 16); }
+#ifdef __CUDACC__
+// Four or eight consecutive bf16 values, loaded as one 8- or 16-byte word, as floats (exact).
+__device__ __forceinline__ void bf16x4_values(const uint2 &b, float (&v)[4]) {
+  v[0] = float_of(b.x << 16), v[1] = float_of(b.x & 0xFFFF0000u), v[2] = float_of(b.y << 16), v[3] = float_of(b.y & 0xFFFF0000u);
+}
+__device__ __forceinline__ void bf16x8_values(const uint4 &b, float (&v)[8]) {
+  const uint32_t w[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int k = 0; k < 4; k++) v[2 * k] = float_of(w[k] << 16), v[2 * k + 1] = float_of(w[k] & 0xFFFF0000u);
+}
+#endif
 
 // Round to nearest even; NaN keeps its sign and becomes the quiet 0x7FC0 (as the reference).
 MOEFFI_HD uint16_t f32_to_bf16(float f) {

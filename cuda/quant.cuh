@@ -31,12 +31,6 @@ struct ActScheme {
   }
 };
 
-// Four consecutive bf16 values (loaded as one 8-byte word) as floats.
-__device__ inline void bf16x4_values(const uint2 &b, float (&v)[4]) {
-  v[0] = __uint_as_float(b.x << 16), v[1] = __uint_as_float(b.x & 0xFFFF0000u);
-  v[2] = __uint_as_float(b.y << 16), v[3] = __uint_as_float(b.y & 0xFFFF0000u);
-}
-
 // Rows of bf16 x [rows, len]; only the first *count exist when count is set.
 struct Bf16Rows {
   const uint16_t *x;

@@ -227,11 +227,7 @@ static __global__ void __launch_bounds__(256) combine_kernel(const float *y, con
 __device__ __forceinline__ void vec_values(const float *, const uint4 &b, float (&v)[4]) {
   v[0] = __uint_as_float(b.x), v[1] = __uint_as_float(b.y), v[2] = __uint_as_float(b.z), v[3] = __uint_as_float(b.w);
 }
-__device__ __forceinline__ void vec_values(const uint16_t *, const uint4 &b, float (&v)[8]) {
-  const uint32_t words[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int j = 0; j < 4; j++) v[2 * j] = __uint_as_float(words[j] << 16), v[2 * j + 1] = __uint_as_float(words[j] & 0xFFFF0000u);
-}
+__device__ __forceinline__ void vec_values(const uint16_t *, const uint4 &b, float (&v)[8]) { bf16x8_values(b, v); }
 
 // combine_kernel V columns at a time with 16-byte loads of y (fp32 or bf16; K % V == 0), the same
 // fixed order and roundings per element. Grid (ceil(K / V / 256), tokens): a block's threads share

@@ -269,12 +269,6 @@ struct Pos {
   int r, j;
 };
 
-__device__ __forceinline__ void unpack8(const uint4 &w, float (&v)[8]) {
-  const uint32_t u[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int k = 0; k < 4; k++) v[2 * k] = float_of(u[k] << 16), v[2 * k + 1] = float_of(u[k] & 0xFFFF0000u);
-}
-
 // nvfp4_scale_offset (numerics.cuh) in 32-bit pieces: expert base and row-in-expert i give the
 // tile row base + (i & ~127), whose tiles start at that times ktiles * 4 bytes.
 __device__ __forceinline__ int64_t scale_byte(int base, int ktiles, uint32_t i, uint32_t c) {
@@ -287,15 +281,15 @@ template <bool SILU> __device__ __forceinline__ uint4 item_values(const Raw<SILU
   uint4 h = raw.v[0];
   if (SILU) {
     float g[8], u[8];
-    unpack8(raw.v[0], g);
-    unpack8(raw.v[SILU ? 1 : 0], u);
+    bf16x8_values(raw.v[0], g);
+    bf16x8_values(raw.v[SILU ? 1 : 0], u);
     uint32_t hw[4];
 #pragma unroll
     for (int k = 0; k < 4; k++)
       hw[k] = (uint32_t)silu_mul_bf16(g[2 * k], u[2 * k]) | ((uint32_t)silu_mul_bf16(g[2 * k + 1], u[2 * k + 1]) << 16);
     h = make_uint4(hw[0], hw[1], hw[2], hw[3]);
   }
-  unpack8(h, v);
+  bf16x8_values(h, v);
   return h;
 }
 
@@ -578,7 +572,7 @@ template <bool SILU> __device__ __forceinline__ void load_block(const Args &a, c
 // magnitudes by e2m1x8_codes (min of three rounded pieces), else by e2m1x8_magnitudes.
 template <bool MIN3> __device__ __forceinline__ uint32_t codes8(const uint4 &h, float scale) {
   float v[8], x[8];
-  unpack8(h, v);
+  bf16x8_values(h, v);
 #pragma unroll
   for (int k = 0; k < 8; k++) x[k] = mul_rn(v[k], scale);
   return bf16x8_sign_nibbles(h.x, h.y, h.z, h.w) | (MIN3 ? e2m1x8_codes(x) : e2m1x8_magnitudes(x));
