@@ -28,16 +28,26 @@ __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t *bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t a, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t *bar, uint32_t bytes) { mbar_arrive_expect_tx(smem_addr(bar), bytes); }
+// The forms taking a shared address (smem_addr, computed once outside a loop) save the generic-to-
+// shared conversion, whose cluster-rank read sat on the wide kernel's per-block critical path.
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *bar) { mbar_arrive(smem_addr(bar)); }
+// mbar_arrive by the threads where `pred` holds, without a branch (one arrival per warp: lane 0).
+__device__ __forceinline__ void mbar_arrive_if(bool pred, uint32_t a) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%1];\n}\n" ::"r"(
+                   (uint32_t)pred),
+               "r"(a)
+               : "memory");
 }
 // Waits for the phase with the given parity to complete. A wait that lasts ~8e9 cycles (seconds)
 // means a protocol bug: trap, so the host sees a launch failure instead of a hung process.
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-  const uint32_t a = smem_addr(bar);
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
   uint32_t done = 0;
   long long t0 = 0;
   for (uint32_t spins = 0;; spins++) {
@@ -51,6 +61,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
     else if ((spins & 1023u) == 0 && clock64() - t0 > 8000000000LL) __trap();
   }
 }
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) { mbar_wait(smem_addr(bar), parity); }
 
 // Barrier `id` (1..15; 0 is __syncthreads) among `count` threads (whole warps), e.g. one warpgroup.
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
@@ -62,12 +73,14 @@ __device__ __forceinline__ void tma_prefetch(const void *map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"((uint64_t)map) : "memory");
 }
 // 2-D tile load of the box at element coordinates (c0 innermost, c1) into smem, completing on bar.
-__device__ __forceinline__ void tma_load_2d(void *dst, const void *map, uint64_t *bar, int32_t c0, int32_t c1) {
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void *map, uint32_t bar, int32_t c0, int32_t c1) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          smem_addr(dst)),
-      "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+      "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(void *dst, const void *map, uint64_t *bar, int32_t c0, int32_t c1) {
+  tma_load_2d(smem_addr(dst), map, smem_addr(bar), c0, c1);
 }
 
 // ---- bulk stores (shared -> global through the TMA unit, asynchronous to the issuing thread) ----
@@ -89,10 +102,12 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // Descriptor of a K-major operand tile in smem written by TMA with 128B swizzle: rows of 128
 // bytes, 8-row atoms 1024 bytes apart (SBO), swizzle code 1 (= 128B; the TMA enum value is 3).
 // The tile must start on a 1024-byte boundary (base offset 0).
-__device__ __forceinline__ uint64_t desc_k128_sw128(const void *tile) {
-  const uint32_t a = smem_addr(tile);
-  return (uint64_t)((a & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
-}
+// The high word is the same for every such tile (SBO and swizzle); the low word holds the address >> 4
+// (14 bits), so offsets within shared memory are 32-bit adds to it that never carry into the high word.
+constexpr uint32_t DESC_SW128_HI = (1024 >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t desc_lo_k128_sw128(const void *tile) { return ((smem_addr(tile) & 0x3FFFFu) >> 4) | (1u << 16); }
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t lo) { return ((uint64_t)DESC_SW128_HI << 32) | lo; }
+__device__ __forceinline__ uint64_t desc_k128_sw128(const void *tile) { return desc_sw128(desc_lo_k128_sw128(tile)); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }

@@ -215,13 +215,15 @@ __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorM
   pdl_wait();
   pdl_trigger();
   for (int i = 0; i < pre; i++) tma_load_2d(smem + (size_t)i * stage_bytes + a_bytes, bmap, &full[i], (kb0 + i) * BK, brow);
+  int s = pre % stages;
+  uint32_t phase = pre == stages; // the ring position after the first fill, its phase flipped if it wrapped
   for (int i = pre; i < kb1 - kb0; i++) {
-    const int s = i % stages;
-    if (i >= stages) mbar_wait(&empty[s], ((i / stages) - 1) & 1);
+    mbar_wait(&empty[s], phase ^ 1);
     uint8_t *a = smem + (size_t)s * stage_bytes;
     mbar_arrive_expect_tx(&full[s], stage_bytes);
     tma_load_2d(a, amap, &full[s], (kb0 + i) * BK, arow);
     tma_load_2d(a + a_bytes, bmap, &full[s], (kb0 + i) * BK, brow);
+    if (++s == stages) s = 0, phase ^= 1;
   }
 }
 #endif
@@ -268,19 +270,20 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     if (tid != 0) return;
     tma_prefetch(&amap);
     tma_prefetch(&bmap);
-    int it = 0;
+    const uint32_t full0 = smem_addr(&full[0]), empty0 = smem_addr(&empty[0]), smem0 = smem_addr(smem);
+    uint32_t stage = 0, phase = 0; // phase flips each time the ring wraps
     for (int tile = blockIdx.x; tile < mt * nt; tile += gridDim.x) {
       int tm, tn;
       tile_order(tile, mt, nt, g.group_m, &tm, &tn);
       find_tile(g, tm, BM, info);
       const int brow = info[0] * g.nout + tn * BN;
-      for (int kb = 0; kb < g.nkb; kb++, it++) {
-        const int s = it % STAGES;
-        if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
-        uint8_t *a = smem + (size_t)s * STAGE_BYTES;
-        mbar_arrive_expect_tx(&full[s], STAGE_BYTES);
-        tma_load_2d(a, &amap, &full[s], kb * BK, info[1]);
-        tma_load_2d(a + A_STAGE, &bmap, &full[s], kb * BK, brow);
+      for (int kb = 0; kb < g.nkb; kb++) {
+        const uint32_t f = full0 + 8 * stage, a = smem0 + stage * STAGE_BYTES;
+        mbar_wait(empty0 + 8 * stage, phase ^ 1); // the first round passes at once (parity 1 of a fresh barrier)
+        mbar_arrive_expect_tx(f, STAGE_BYTES);
+        tma_load_2d(a, &amap, f, kb * BK, info[1]);
+        tma_load_2d(a + A_STAGE, &bmap, f, kb * BK, brow);
+        if (++stage == STAGES) stage = 0, phase ^= 1;
       }
     }
     return;
@@ -289,8 +292,12 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
 
   const int c = wg - 1, ct = tid % 128, warp = ct / 32, lane = tid % 32;
   const bool grp = g.a_ng > 1, blk = g.wscheme == MOEFFI_W_BLOCK_128;
-  const uint64_t desc0 = desc_k128_sw128(smem); // stage s: A rows of consumer c, then B, by adding offsets >> 4
-  int it = 0, parity = 0;
+  // Per-block bookkeeping is kept to 32-bit adds on values computed here: barrier addresses, and the
+  // descriptor low words of stage 0 (A rows of consumer c, then B; stage s adds s * STAGE_BYTES >> 4)
+  const uint32_t full0 = smem_addr(&full[0]), empty0 = smem_addr(&empty[0]);
+  const uint32_t a_lo0 = desc_lo_k128_sw128(smem + c * 64 * BK), b_lo0 = desc_lo_k128_sw128(smem + A_STAGE);
+  uint32_t stage = 0, phase = 0;
+  int parity = 0;
   for (int tile = blockIdx.x; tile < mt * nt; tile += gridDim.x) {
     int tm, tn;
     tile_order(tile, mt, nt, g.group_m, &tm, &tn);
@@ -335,12 +342,12 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
       f[0] = mul_rn(sa0, sw0), f[1] = mul_rn(sa0, sw1), f[2] = mul_rn(sa1, sw0), f[3] = mul_rn(sa1, sw1);
     };
     // four wgmma k32 of stage s into p (a fresh partial tile), committed as one group
-    auto issue = [&](float (&p)[R], int s) {
-      const uint64_t da = desc0 + ((s * STAGE_BYTES + c * 64 * BK) >> 4), db = desc0 + ((s * STAGE_BYTES + A_STAGE) >> 4);
+    auto issue = [&](float (&p)[R], uint32_t st) {
+      const uint32_t a = a_lo0 + st * (STAGE_BYTES >> 4), b = b_lo0 + st * (STAGE_BYTES >> 4);
       fence_operands(p);
       wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<BN>(p, da + 2 * k, db + 2 * k, k); // 32 bytes = 2 x 16
+      for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<BN>(p, desc_sw128(a + 2 * k), desc_sw128(b + 2 * k), k); // 32 B = 2 x 16
       wgmma_commit();
     };
     // acc += p * (its block's scales): one FMA per element, or a plain add without K-dependent scales
@@ -357,10 +364,6 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
         for (int i = 0; i < R; i++) acc[i] = add_rn(acc[i], p[i]);
       }
     };
-    auto release = [&](int s) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]); // the stage refills while this warp promotes
-    };
 
     // one group in flight: issue, wait, release, promote (two partial tiles with wait_group 1 at BN = 128
     // measured 25% slower: NOTES.md)
@@ -368,12 +371,12 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     // (a partial tile over two K blocks without K-dependent scales, two groups in flight and half the
     // promotions, measured 14% slower: NOTES.md)
     float f[4];
-    for (int kb = 0; kb < g.nkb; kb++, it++) {
-      const int s = it % STAGES;
+    for (int kb = 0; kb < g.nkb; kb++) {
       if (KSCALED) scales(kb, f);
-      mbar_wait(&full[s], (it / STAGES) & 1);
-      if (active) issue(part, s), wgmma_wait0();
-      release(s);
+      mbar_wait(full0 + 8 * stage, phase);
+      if (active) issue(part, stage), wgmma_wait0(); // (the wait is warp-synchronous: no __syncwarp before the arrival)
+      mbar_arrive_if(lane == 0, empty0 + 8 * stage); // one arrival per warp; the stage refills while this warp promotes
+      if (++stage == STAGES) stage = 0, phase ^= 1;
       if (active) promote(part, f);
     }
     if (!active) continue;
@@ -502,8 +505,9 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
 #pragma unroll
   for (int i = 0; i < R; i++) part[i] = 0.0f, acc[i] = 0.0f;
 
+  const uint32_t full0 = smem_addr(&full[0]), empty0 = smem_addr(&empty[0]), w_lo0 = desc_lo_k128_sw128(smem);
+  uint32_t stage = 0, phase = 0; // 32-bit bookkeeping per block, as in the wide kernel
   for (int kb = kb0; kb < kb1; kb++) {
-    const int s = (kb - kb0) % S;
     float f[TOK / 4]; // scale of tokens 8j + 2(l%4) + {0, 1} at index 2j + {0, 1}
 #pragma unroll
     for (int j = 0; j < TOK / 4; j++) f[j] = 1.0f;
@@ -515,18 +519,17 @@ __global__ void __launch_bounds__(SWAP_THREADS, 2)
         f[j] = grp ? (r < end ? mul_rn(g.as[(int64_t)r * g.a_ng + kb], sw) : 0.0f) : sw;
       }
     }
-    mbar_wait(&full[s], ((kb - kb0) / S) & 1);
-    const uint8_t *w = smem + (size_t)s * SB;
-    const uint64_t dw = desc_k128_sw128(w), dx = desc_k128_sw128(w + W_BYTES);
+    mbar_wait(full0 + 8 * stage, phase);
+    const uint32_t dw = w_lo0 + stage * (SB >> 4), dx = dw + (W_BYTES >> 4);
     fence_operands(part);
     wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<TOK>(part, dw + 2 * k, dx + 2 * k, k);
+    for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<TOK>(part, desc_sw128(dw + 2 * k), desc_sw128(dx + 2 * k), k);
     wgmma_commit();
     wgmma_wait0();
     fence_operands(part);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
+    mbar_arrive_if(lane == 0, empty0 + 8 * stage); // after the warp-synchronous wait
+    if (++stage == (uint32_t)S) stage = 0, phase ^= 1;
 #pragma unroll
     for (int i = 0; i < R; i++) acc[i] = (grp || blk) ? fmaf(part[i], f[2 * (i / 4) + i % 2], acc[i]) : add_rn(acc[i], part[i]);
   }
@@ -969,7 +972,7 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  return moeffi_fill_manifest(out, "hopper_fp8", "0.5.2", "sm_90a", MOEFFI_DEVICE_CUDA,
+  return moeffi_fill_manifest(out, "hopper_fp8", "0.5.3", "sm_90a", MOEFFI_DEVICE_CUDA,
                               (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM),
                               MOEFFI_ALL_WEIGHT_SCALES,
                               (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
