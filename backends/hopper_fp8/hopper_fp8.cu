@@ -365,11 +365,12 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
       }
     };
 
-    // one group in flight: issue, wait, release, promote (two partial tiles with wait_group 1 at BN = 128
-    // measured 25% slower: NOTES.md)
+    // one group in flight: issue, wait, release, promote (two partial tiles alternating with wait_group 1
+    // need 3 x R registers, so only BN = 128 takes them: there equal to this loop, +10% only with half the
+    // B bytes, and ptxas serializes the WGMMAs unless idle consumers run a separate loop: NOTES.md)
     // (consumers taking turns to issue, through named barriers, measured 21% slower: NOTES.md)
     // (a partial tile over two K blocks without K-dependent scales, two groups in flight and half the
-    // promotions, measured 14% slower: NOTES.md)
+    // promotions, measured 14% slower; session 8's rebuild of it had its WGMMAs serialized the same way: NOTES.md)
     float f[4];
     for (int kb = 0; kb < g.nkb; kb++) {
       if (KSCALED) scales(kb, f);
