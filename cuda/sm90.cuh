@@ -83,6 +83,42 @@ __device__ __forceinline__ void tma_load_2d(void *dst, const void *map, uint64_t
   tma_load_2d(smem_addr(dst), map, smem_addr(bar), c0, c1);
 }
 
+// The same box written to the same offset in the shared memory of every CTA of the cluster in `mask`,
+// each completing bytes on its own barrier at `bar`'s offset (TMA multicast).
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void *map, uint32_t bar, int32_t c0, int32_t c1,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+
+// ---- clusters ----
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+// The address of shared variable `a` (this CTA's) in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ uint32_t peer_addr(uint32_t a, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+  return r;
+}
+// mbar_arrive_if on a barrier of another CTA of the cluster (an address from peer_addr).
+__device__ __forceinline__ void mbar_arrive_remote_if(bool pred, uint32_t a) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n @p mbarrier.arrive.shared::cluster.b64 _, [%1];\n}\n" ::"r"(
+                   (uint32_t)pred),
+               "r"(a)
+               : "memory");
+}
+// Every non-exited thread of the cluster: what this thread did to shared memory happens before what
+// the others do after it (barrier setup before remote use; no CTA leaves while its peer may write to it).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
 // ---- bulk stores (shared -> global through the TMA unit, asynchronous to the issuing thread) ----
 // This thread's shared-memory writes made visible to the async proxy, before a bulk copy reads them.
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
@@ -111,6 +147,7 @@ __device__ __forceinline__ uint64_t desc_k128_sw128(const void *tile) { return d
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
 // Keeps the compiler from moving accumulator accesses across the async WGMMA window.
 template <int N> __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll

@@ -238,7 +238,10 @@ __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorM
 // (group/block scales of kb) in fp32 - the partial sum of one block is the tensor core's (about
 // 14-bit exact, NOTES.md), the sum over blocks is fp32. Rows past the expert's end (the next
 // expert's rows or TMA zero fill) and columns past nout are computed but never stored.
-template <int BN, bool KSCALED> // KSCALED: K-dependent scales (1x128 activation groups or 128x128 weight blocks)
+// PAIR (fp8_scaled_mm at BN = 192): clusters of two CTAs take m-tiles 2i and 2i + 1 of one n-tile; each
+// loads its A and half of B (bmap: BN / 2-row boxes), multicast to both, and a stage is refilled once
+// the consumers of both CTAs have released it: a third fewer L2 -> SM bytes per tile.
+template <int BN, bool KSCALED, bool PAIR = false> // KSCALED: K-dependent scales (1x128 groups or 128x128 blocks)
 __global__ void __launch_bounds__(GEMM_THREADS, 1)
     grouped_gemm_sm90(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap, const GemmArgs g) {
 #ifdef MOEFFI_SM90A
@@ -254,11 +257,21 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   if (tid == 0) {
     for (int s = 0; s < STAGES; s++) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], CONSUMERS * 4); // one arrival per consumer warp
+      mbar_init(&empty[s], (PAIR ? 2 : 1) * CONSUMERS * 4); // one arrival per consumer warp (of both CTAs)
     }
     mbar_init_fence();
   }
   __syncthreads();
+  if constexpr (PAIR) cluster_sync(); // the peer's barriers are ready before anything is sent to them
+  // Row units: m-tiles, or pairs of them (a last odd m-tile's partner has no rows: it loads zeros and
+  // stores nothing, but its producer still sends its half of B)
+  const uint32_t rank = PAIR ? cluster_rank() : 0;
+  const int units = PAIR ? (mt + 1) / 2 : mt, first = PAIR ? blockIdx.x / 2 : blockIdx.x;
+  const int step = PAIR ? gridDim.x / 2 : gridDim.x, group = PAIR ? g.group_m / 2 : g.group_m;
+  auto locate = [&](int tile, int *tm, int *tn) {
+    tile_order(tile, units, nt, group, tm, tn);
+    if (PAIR) *tm = 2 * *tm + (int)rank;
+  };
   pdl_wait(); // the gathered rows and their scales come from the previous kernel
   pdl_trigger();
   const int wg = tid / 128;
@@ -272,20 +285,22 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     tma_prefetch(&bmap);
     const uint32_t full0 = smem_addr(&full[0]), empty0 = smem_addr(&empty[0]), smem0 = smem_addr(smem);
     uint32_t stage = 0, phase = 0; // phase flips each time the ring wraps
-    for (int tile = blockIdx.x; tile < mt * nt; tile += gridDim.x) {
+    for (int tile = first; tile < units * nt; tile += step) {
       int tm, tn;
-      tile_order(tile, mt, nt, g.group_m, &tm, &tn);
+      locate(tile, &tm, &tn);
       find_tile(g, tm, BM, info);
-      const int brow = info[0] * g.nout + tn * BN;
+      const int brow = info[0] * g.nout + tn * BN + (int)rank * (BN / 2);
       for (int kb = 0; kb < g.nkb; kb++) {
         const uint32_t f = full0 + 8 * stage, a = smem0 + stage * STAGE_BYTES;
         mbar_wait(empty0 + 8 * stage, phase ^ 1); // the first round passes at once (parity 1 of a fresh barrier)
-        mbar_arrive_expect_tx(f, STAGE_BYTES);
+        mbar_arrive_expect_tx(f, STAGE_BYTES);    // A, and both halves of B with PAIR
         tma_load_2d(a, &amap, f, kb * BK, info[1]);
-        tma_load_2d(a + A_STAGE, &bmap, f, kb * BK, brow);
+        if (PAIR) tma_load_2d_multicast(a + A_STAGE + rank * (BN / 2) * BK, &bmap, f, kb * BK, brow, 3);
+        else tma_load_2d(a + A_STAGE, &bmap, f, kb * BK, brow);
         if (++stage == STAGES) stage = 0, phase ^= 1;
       }
     }
+    if constexpr (PAIR) cluster_sync();
     return;
   }
   regs_inc<232>();
@@ -296,11 +311,17 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   // descriptor low words of stage 0 (A rows of consumer c, then B; stage s adds s * STAGE_BYTES >> 4)
   const uint32_t full0 = smem_addr(&full[0]), empty0 = smem_addr(&empty[0]);
   const uint32_t a_lo0 = desc_lo_k128_sw128(smem + c * 64 * BK), b_lo0 = desc_lo_k128_sw128(smem + A_STAGE);
+  // a stage is released to this CTA's producer and, with PAIR, to the peer's (whose B half it holds)
+  const uint32_t peer_empty0 = PAIR ? peer_addr(empty0, rank ^ 1) : 0;
+  auto release = [&](uint32_t st) {
+    mbar_arrive_if(lane == 0, empty0 + 8 * st);
+    if (PAIR) mbar_arrive_remote_if(lane == 0, peer_empty0 + 8 * st);
+  };
   uint32_t stage = 0, phase = 0;
   int parity = 0;
-  for (int tile = blockIdx.x; tile < mt * nt; tile += gridDim.x) {
+  for (int tile = first; tile < units * nt; tile += step) {
     int tm, tn;
-    tile_order(tile, mt, nt, g.group_m, &tm, &tn);
+    locate(tile, &tm, &tn);
     find_tile(g, tm, BM, info);
     const int e = info[0], end = info[2], n0 = tn * BN;
     const int rbase = info[1] + 64 * c; // consumer warpgroup c owns rows rbase .. +64
@@ -341,13 +362,14 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
       const float sa1 = grp ? (ok1 ? g.as[(int64_t)r1 * g.a_ng + kb] : 0.0f) : 1.0f;
       f[0] = mul_rn(sa0, sw0), f[1] = mul_rn(sa0, sw1), f[2] = mul_rn(sa1, sw0), f[3] = mul_rn(sa1, sw1);
     };
-    // four wgmma k32 of stage s into p (a fresh partial tile), committed as one group
-    auto issue = [&](float (&p)[R], uint32_t st) {
+    // four wgmma k32 of stage s into p (a fresh partial tile, or added to it), committed as one group
+    auto issue = [&](float (&p)[R], uint32_t st, bool fresh = true) {
       const uint32_t a = a_lo0 + st * (STAGE_BYTES >> 4), b = b_lo0 + st * (STAGE_BYTES >> 4);
       fence_operands(p);
       wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < 4; k++) wgmma_m64k32_e4m3<BN>(p, desc_sw128(a + 2 * k), desc_sw128(b + 2 * k), k); // 32 B = 2 x 16
+      for (int k = 0; k < 4; k++) // 32 B = 2 x 16
+        wgmma_m64k32_e4m3<BN>(p, desc_sw128(a + 2 * k), desc_sw128(b + 2 * k), fresh ? k : 1);
       wgmma_commit();
     };
     // acc += p * (its block's scales): one FMA per element, or a plain add without K-dependent scales
@@ -365,22 +387,65 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
       }
     };
 
-    // one group in flight: issue, wait, release, promote (two partial tiles alternating with wait_group 1
-    // need 3 x R registers, so only BN = 128 takes them: there equal to this loop, +10% only with half the
-    // B bytes, and ptxas serializes the WGMMAs unless idle consumers run a separate loop: NOTES.md)
-    // (consumers taking turns to issue, through named barriers, measured 21% slower: NOTES.md)
-    // (a partial tile over two K blocks without K-dependent scales, two groups in flight and half the
-    // promotions, measured 14% slower; session 8's rebuild of it had its WGMMAs serialized the same way: NOTES.md)
-    float f[4];
-    for (int kb = 0; kb < g.nkb; kb++) {
-      if (KSCALED) scales(kb, f);
-      mbar_wait(full0 + 8 * stage, phase);
-      if (active) issue(part, stage), wgmma_wait0(); // (the wait is warp-synchronous: no __syncwarp before the arrival)
-      mbar_arrive_if(lane == 0, empty0 + 8 * stage); // one arrival per warp; the stage refills while this warp promotes
+    // The stage ring position moves on by one K block
+    auto next = [&]() {
       if (++stage == STAGES) stage = 0, phase ^= 1;
-      if (active) promote(part, f);
+    };
+    if constexpr (!KSCALED) {
+      if (!active) { // rows past the expert's end: release every stage, compute nothing (a loop of its own: ptxas
+        for (int kb = 0; kb < g.nkb; kb++) { // serializes WGMMAs left in flight across a branch, C7518)
+          mbar_wait(full0 + 8 * stage, phase);
+          release(stage);
+          next();
+        }
+        continue;
+      }
+      // K-independent scales: one promotion per two K blocks (the tensor core sums 256 of K), each block's
+      // WGMMAs a group of their own, so the first block's stage is released (wait_group 1) while the
+      // second runs. Consumer 1 starts one block behind: one warpgroup waits and promotes while the
+      // other's WGMMAs keep the tensor cores busy (both waiting at once capped the kernel; NOTES.md v18).
+      const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+      int kb = 0;
+      auto single = [&]() { // one K block as a group of its own
+        mbar_wait(full0 + 8 * stage, phase);
+        issue(part, stage);
+        wgmma_wait0(); // (warp-synchronous: no __syncwarp before the arrival)
+        release(stage);
+        next();
+        promote(part, ones);
+      };
+      if (c == 1 || g.nkb == 1) single(), kb = 1;
+      for (; kb + 1 < g.nkb; kb += 2) {
+        const uint32_t first = stage;
+        mbar_wait(full0 + 8 * stage, phase);
+        issue(part, stage);
+        next();
+        mbar_wait(full0 + 8 * stage, phase);
+        issue(part, stage, false);
+        wgmma_wait1();
+        release(first);
+        wgmma_wait0();
+        release(stage);
+        next();
+        promote(part, ones);
+      }
+      if (kb < g.nkb) single();
+    } else {
+      // K-dependent scales: every block promoted with its own scales; one group in flight: issue, wait,
+      // release, promote (two partial tiles alternating with wait_group 1 need 3 x R registers, so only
+      // BN = 128 could take them: there equal to this loop, +10% only with half the B bytes: NOTES.md)
+      // (consumers taking turns to issue, through named barriers, measured 21% slower: NOTES.md)
+      float f[4];
+      for (int kb = 0; kb < g.nkb; kb++) {
+        scales(kb, f);
+        mbar_wait(full0 + 8 * stage, phase);
+        if (active) issue(part, stage), wgmma_wait0(); // (the wait is warp-synchronous: no __syncwarp before the arrival)
+        release(stage); // one arrival per warp; the stage refills while this warp promotes
+        next();
+        if (active) promote(part, f);
+      }
+      if (!active) continue;
     }
-    if (!active) continue;
     if (KSCALED) epilogue_factors();
 
     // epilogue: this warpgroup's column factors through shared memory, in two buffers used by turns, so
@@ -451,6 +516,7 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     }
   }
   if (lane == 0) bulk_wait0(); // no bulk copy outlives the CTA's shared memory
+  if constexpr (PAIR) cluster_sync(); // nor a peer's multicast or arrival
 #else
   __trap(); // built for a target without sm_90a features; supported() refuses such devices
 #endif
@@ -666,8 +732,8 @@ struct Handle {
   uint8_t *w13, *w2; // fp8 [E, 2N, K] and [E, K, N]
   float *s13, *s2;
   // weights [E*2N, K] and [E*K, N] as TMA maps, one per tile height: 64-row boxes (swapped tiles),
-  // 128 and 192 (wide tiles)
-  CUtensorMap map13[3], map2[3];
+  // 128 and 192 (wide tiles), 96 (halves of 192-row tiles for CTA pairs: fp8_scaled_mm only)
+  CUtensorMap map13[4], map2[3];
 };
 
 int64_t scale_count(uint32_t wscheme, int64_t rows, int64_t len) {
@@ -710,7 +776,7 @@ void launch_swap(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArg
 
 // One grouped GEMM: out[rows, nout] = A[rows, K] (gathered fp8) x B[expert rows, K]^T. The grid's
 // first axis covers an upper bound of the expert tiles, sum over experts of ceil(m_e / tile rows).
-constexpr int MAP_ROWS[3] = {SWAP_ROWS, 128, 192};
+constexpr int MAP_ROWS[4] = {SWAP_ROWS, 128, 192, 96};
 int map_index(int tok, int bn) { return tok ? 0 : bn == 192 ? 2 : 1; }
 
 // The tune table `deno task tune` writes beside this library (hopper_fp8.tune): lines "gpu <name>"
@@ -816,15 +882,36 @@ bool use_pdl() {
 // H100, qwen3 1363 -> 1162 (16: the same within noise; fp8_scaled_mm unchanged).
 constexpr int RASTER_GROUP_M = 8;
 
+// Wide tiles of fp8_scaled_mm at BN = 192 run as CTA pairs sharing B (grouped_gemm_sm90's PAIR), unless
+// MOEFFI_HOPPER_NO_PAIR=1.
+bool use_pairs(const GemmArgs &g, int tok, int bn) {
+  static const bool off = getenv("MOEFFI_HOPPER_NO_PAIR") != nullptr;
+  return !off && !tok && bn == 192 && !g.offsets;
+}
+
+// bmap_half: B in BN / 2-row boxes, for CTA pairs (use_pairs)
 int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &args, int pc, int tok, int bn,
-                    int sms, cudaStream_t s, char *msg, uint32_t cap, int splits = 1) {
+                    int sms, cudaStream_t s, char *msg, uint32_t cap, int splits = 1, const CUtensorMap *bmap_half = nullptr) {
   const bool pdl = use_pdl();
   GemmArgs g = args;
   g.group_m = RASTER_GROUP_M;
   const int rows = tok ? tok : BM;
   // a slot per row tile: up to one partial tile per expert beyond pc / rows (exactly pc / rows for one expert)
   const unsigned slots = (unsigned)(ceil_div(pc, rows) + (g.offsets ? std::min<int64_t>(g.experts, pc) : 0));
-  if (!tok) { // persistent: at most one CTA per SM
+  if (bmap_half && use_pairs(g, tok, bn)) { // persistent clusters of two, at most one CTA per SM
+    const unsigned units = (slots + 1) / 2 * (unsigned)ceil_div(g.nout, bn), grid = 2 * std::min(units, (unsigned)sms / 2);
+    const bool kscaled = g.a_ng > 1 || g.wscheme == MOEFFI_W_BLOCK_128;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid, cfg.blockDim = GEMM_THREADS, cfg.dynamicSmemBytes = wide_smem<192>(), cfg.stream = s;
+    cfg.attrs = attr, cfg.numAttrs = pdl ? 2 : 1;
+    MOEFFI_CUDA_TRY(cudaLaunchKernelEx(&cfg, kscaled ? grouped_gemm_sm90<192, true, true> : grouped_gemm_sm90<192, false, true>,
+                                       amap, *bmap_half, g));
+  } else if (!tok) { // persistent: at most one CTA per SM
     const unsigned tiles = slots * (unsigned)ceil_div(g.nout, bn), grid = std::min(tiles, (unsigned)sms);
     const bool kscaled = g.a_ng > 1 || g.wscheme == MOEFFI_W_BLOCK_128;
     auto kernel = bn == 192 ? (kscaled ? grouped_gemm_sm90<192, true> : grouped_gemm_sm90<192, false>)
@@ -957,7 +1044,8 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
                   splits > 1 ? part : nullptr, splits > 1 ? nullptr : out, splits > 1 ? nullptr : bias, 0, 0, (int64_t)mc * N};
     g.rows1 = mc; // one expert: no grouping arrays on the device
     const int bn = h->bn13;
-    if ((st = launch_gemm(amap, h->map13[map_index(tok, bn)], g, mc, tok, bn, h->sms, s, msg, cap, splits))) return st;
+    if ((st = launch_gemm(amap, h->map13[map_index(tok, bn)], g, mc, tok, bn, h->sms, s, msg, cap, splits, &h->map13[3])))
+      return st;
     if (splits > 1)
       launch_pdl(use_pdl(), mm_reduce_kernel, dim3((unsigned)std::min<int64_t>(ceil_div(mc * N / 2, 256), 4 * h->sms)), 256,
                  0, s, (const float *)part, splits, (int64_t)mc * N, bias, (int64_t)mc, (int)N, out);
@@ -973,7 +1061,7 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  return moeffi_fill_manifest(out, "hopper_fp8", "0.5.3", "sm_90a", MOEFFI_DEVICE_CUDA,
+  return moeffi_fill_manifest(out, "hopper_fp8", "0.6.0", "sm_90a", MOEFFI_DEVICE_CUDA,
                               (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM),
                               MOEFFI_ALL_WEIGHT_SCALES,
                               (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
@@ -1017,6 +1105,10 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<128, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<128>()));
   MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<192, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<192>()));
   MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<192, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wide_smem<192>()));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<192, false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)wide_smem<192>()));
+  MOEFFI_CUDA_TRY(cudaFuncSetAttribute(grouped_gemm_sm90<192, true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)wide_smem<192>()));
   set_swap_smem<8>(), set_swap_smem<16>(), set_swap_smem<32>(), set_swap_smem<64>();
   MOEFFI_CUDA_TRY(cudaGetLastError());
   // CUtensorMap is 64-byte aligned (alignas in cuda.h): calloc's alignment is not enough
@@ -1062,6 +1154,7 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
     st = make_map(&h->map13[i], h->w13, (uint64_t)(E * rows13), K, MAP_ROWS[i], msg, cap);
     if (st == MOEFFI_OK && !mm) st = make_map(&h->map2[i], h->w2, (uint64_t)(E * K), N, MAP_ROWS[i], msg, cap);
   }
+  if (st == MOEFFI_OK && mm) st = make_map(&h->map13[3], h->w13, (uint64_t)rows13, K, MAP_ROWS[3], msg, cap);
   if (st != MOEFFI_OK) {
     cudaFree(h->mem);
     free(h);

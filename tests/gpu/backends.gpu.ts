@@ -215,20 +215,40 @@ for (const backend of BACKENDS) {
       let ran = 0;
       for (let i = 0; i < count(50); i++) {
         // every fourth problem is a long-K decode one (hopper_fp8 splits K and adds the partial sums)
-        const splitK = i % 4 === 1, weightScale = WEIGHT_SCALES[i % 3];
-        const actScale = splitK ? ACT_SCALES[2 + (i >> 2) % 2] : ACT_SCALES[Math.floor(i / 3) % 4];
+        // problems 2 (block-128 / 1x128, in the sanitizer runs' share) and 20 (per-channel / per-token) have
+        // more tile pairs than an H100 has CTA pairs (hopper_fp8: 5 x 20, the last pair's second m-tile past
+        // M), so persistent clusters walk several
+        const splitK = i % 4 === 1, pairs = i === 2 || i === 20;
+        const weightScale = pairs ? WEIGHT_SCALES[i === 2 ? 2 : 1] : WEIGHT_SCALES[i % 3];
+        const actScale = pairs
+          ? ACT_SCALES[i === 2 ? 3 : 2]
+          : splitK
+          ? ACT_SCALES[2 + (i >> 2) % 2]
+          : ACT_SCALES[Math.floor(i / 3) % 4];
         // n a multiple of 16 half the time (what the TMA backends claim); m = 1..128 takes swapped tiles
         // and problem 7 (mod 25) a wide decode one (hopper_fp8: 33..64 rows as two 32-token tiles at N > 4224);
         // problem 10 runs in two passes (hopper_fp8: 4096 rows at K = 16384, then 4 rows that split K)
         const wide = i % 25 === 7, twoPass = i === 10;
-        const k = splitK ? 2048 : wide ? 256 : twoPass ? 16384 : dim16(r, 1024), bias = r.next() < 0.5;
-        const n = splitK ? 128 * r.int(1, 8) : wide ? 16 * r.int(272, 448) : twoPass ? 16 : i % 2 ? dim16(r, 700) : r.int(1, 700);
+        const k = splitK ? 2048 : wide ? 256 : twoPass ? 16384 : pairs ? 384 : dim16(r, 1024), bias = r.next() < 0.5;
+        const n = splitK
+          ? 128 * r.int(1, 8)
+          : wide
+          ? 16 * r.int(272, 448)
+          : twoPass
+          ? 16
+          : pairs
+          ? 3840
+          : i % 2
+          ? dim16(r, 700)
+          : r.int(1, 700);
         const m = splitK
           ? r.pick([1, 16, 100, 128])
           : wide
           ? r.int(33, 64)
           : twoPass
           ? 4100
+          : pairs
+          ? 1100
           : r.pick([0, 1, 16, 40, 64, 100, 128, 257, r.int(0, 600)]);
         const mine = gpu.registry.backends.find((b) => b.name === backend)!;
         if (
