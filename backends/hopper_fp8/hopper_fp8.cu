@@ -238,9 +238,10 @@ __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorM
 // (group/block scales of kb) in fp32 - the partial sum of one block is the tensor core's (about
 // 14-bit exact, NOTES.md), the sum over blocks is fp32. Rows past the expert's end (the next
 // expert's rows or TMA zero fill) and columns past nout are computed but never stored.
-// PAIR (fp8_scaled_mm at BN = 192): clusters of two CTAs take m-tiles 2i and 2i + 1 of one n-tile; each
-// loads its A and half of B (bmap: BN / 2-row boxes), multicast to both, and a stage is refilled once
-// the consumers of both CTAs have released it: a third fewer L2 -> SM bytes per tile.
+// PAIR: clusters of two CTAs take the two 128-row halves of a 256-row unit of one expert (the routing
+// counts tiles in such units) and one n-tile; each loads its A and half of B (bmap: BN / 2-row boxes),
+// multicast to both, and a stage is refilled once the consumers of both CTAs have released it: a third
+// fewer L2 -> SM bytes per tile.
 template <int BN, bool KSCALED, bool PAIR = false> // KSCALED: K-dependent scales (1x128 groups or 128x128 blocks)
 __global__ void __launch_bounds__(GEMM_THREADS, 1)
     grouped_gemm_sm90(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap, const GemmArgs g) {
@@ -253,7 +254,8 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
 
-  const int tid = threadIdx.x, mt = tile_count(g, BM), nt = (g.nout + BN - 1) / BN;
+  constexpr int UNIT = PAIR ? 2 * BM : BM; // rows per tile_start unit
+  const int tid = threadIdx.x, mt = tile_count(g, UNIT), nt = (g.nout + BN - 1) / BN;
   if (tid == 0) {
     for (int s = 0; s < STAGES; s++) {
       mbar_init(&full[s], 1);
@@ -263,14 +265,15 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   }
   __syncthreads();
   if constexpr (PAIR) cluster_sync(); // the peer's barriers are ready before anything is sent to them
-  // Row units: m-tiles, or pairs of them (a last odd m-tile's partner has no rows: it loads zeros and
-  // stores nothing, but its producer still sends its half of B)
+  // A CTA's rows and columns: expert, first row, end row (find_tile) and n-tile of slot `tile`. In a
+  // pair, a second half past the expert's end computes nothing but still sends its half of B.
   const uint32_t rank = PAIR ? cluster_rank() : 0;
-  const int units = PAIR ? (mt + 1) / 2 : mt, first = PAIR ? blockIdx.x / 2 : blockIdx.x;
-  const int step = PAIR ? gridDim.x / 2 : gridDim.x, group = PAIR ? g.group_m / 2 : g.group_m;
-  auto locate = [&](int tile, int *tm, int *tn) {
-    tile_order(tile, units, nt, group, tm, tn);
-    if (PAIR) *tm = 2 * *tm + (int)rank;
+  const int first = PAIR ? blockIdx.x / 2 : blockIdx.x, step = PAIR ? gridDim.x / 2 : gridDim.x;
+  auto locate = [&](int tile, int *info, int *tn) {
+    int tm;
+    tile_order(tile, mt, nt, PAIR ? g.group_m / 2 : g.group_m, &tm, tn);
+    find_tile(g, tm, UNIT, info);
+    info[1] += (int)rank * BM;
   };
   pdl_wait(); // the gathered rows and their scales come from the previous kernel
   pdl_trigger();
@@ -285,10 +288,9 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
     tma_prefetch(&bmap);
     const uint32_t full0 = smem_addr(&full[0]), empty0 = smem_addr(&empty[0]), smem0 = smem_addr(smem);
     uint32_t stage = 0, phase = 0; // phase flips each time the ring wraps
-    for (int tile = first; tile < units * nt; tile += step) {
-      int tm, tn;
-      locate(tile, &tm, &tn);
-      find_tile(g, tm, BM, info);
+    for (int tile = first; tile < mt * nt; tile += step) {
+      int tn;
+      locate(tile, info, &tn);
       const int brow = info[0] * g.nout + tn * BN + (int)rank * (BN / 2);
       for (int kb = 0; kb < g.nkb; kb++) {
         const uint32_t f = full0 + 8 * stage, a = smem0 + stage * STAGE_BYTES;
@@ -319,10 +321,9 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
   };
   uint32_t stage = 0, phase = 0;
   int parity = 0;
-  for (int tile = first; tile < units * nt; tile += step) {
-    int tm, tn;
-    locate(tile, &tm, &tn);
-    find_tile(g, tm, BM, info);
+  for (int tile = first; tile < mt * nt; tile += step) {
+    int tn;
+    locate(tile, info, &tn);
     const int e = info[0], end = info[2], n0 = tn * BN;
     const int rbase = info[1] + 64 * c; // consumer warpgroup c owns rows rbase .. +64
     const bool active = rbase < end;    // uniform over the warpgroup
@@ -732,8 +733,8 @@ struct Handle {
   uint8_t *w13, *w2; // fp8 [E, 2N, K] and [E, K, N]
   float *s13, *s2;
   // weights [E*2N, K] and [E*K, N] as TMA maps, one per tile height: 64-row boxes (swapped tiles),
-  // 128 and 192 (wide tiles), 96 (halves of 192-row tiles for CTA pairs: fp8_scaled_mm only)
-  CUtensorMap map13[4], map2[3];
+  // 128 and 192 (wide tiles), 96 (halves of 192-row tiles for CTA pairs)
+  CUtensorMap map13[4], map2[4];
 };
 
 int64_t scale_count(uint32_t wscheme, int64_t rows, int64_t len) {
@@ -882,14 +883,17 @@ bool use_pdl() {
 // H100, qwen3 1363 -> 1162 (16: the same within noise; fp8_scaled_mm unchanged).
 constexpr int RASTER_GROUP_M = 8;
 
-// Wide tiles of fp8_scaled_mm at BN = 192 run as CTA pairs sharing B (grouped_gemm_sm90's PAIR), unless
-// MOEFFI_HOPPER_NO_PAIR=1.
-bool use_pairs(const GemmArgs &g, int tok, int bn) {
+// Wide tiles at BN = 192 run as CTA pairs sharing B (grouped_gemm_sm90's PAIR) where the mean rows per
+// routed expert (pc pairs over at most min(E, pc) experts) fill at least four 128-row tiles, unless
+// MOEFFI_HOPPER_NO_PAIR=1. fp8_moe's two GEMMs share the routing's tile units, so both must pair. With
+// fewer rows an expert's odd last tile leaves half a pair idle: H100, M = 4096, pairs against single
+// CTAs: mixtral (1024 rows an expert) -9%, deepseek EP8 (1024) -6%, qwen3 (256) +8%, qwen1.5 (273) +11%.
+bool use_pairs(int tok, int bn1, int bn2, int64_t pc, int64_t experts) {
   static const bool off = getenv("MOEFFI_HOPPER_NO_PAIR") != nullptr;
-  return !off && !tok && bn == 192 && !g.offsets;
+  return !off && !tok && bn1 == 192 && bn2 == 192 && pc >= 4 * BM * std::min(experts, pc);
 }
 
-// bmap_half: B in BN / 2-row boxes, for CTA pairs (use_pairs)
+// bmap_half: B in BN / 2-row boxes: CTA pairs over 256-row units (use_pairs; tile_start counts those)
 int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArgs &args, int pc, int tok, int bn,
                     int sms, cudaStream_t s, char *msg, uint32_t cap, int splits = 1, const CUtensorMap *bmap_half = nullptr) {
   const bool pdl = use_pdl();
@@ -898,8 +902,9 @@ int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const Gemm
   const int rows = tok ? tok : BM;
   // a slot per row tile: up to one partial tile per expert beyond pc / rows (exactly pc / rows for one expert)
   const unsigned slots = (unsigned)(ceil_div(pc, rows) + (g.offsets ? std::min<int64_t>(g.experts, pc) : 0));
-  if (bmap_half && use_pairs(g, tok, bn)) { // persistent clusters of two, at most one CTA per SM
-    const unsigned units = (slots + 1) / 2 * (unsigned)ceil_div(g.nout, bn), grid = 2 * std::min(units, (unsigned)sms / 2);
+  if (bmap_half) { // persistent clusters of two, at most one CTA per SM
+    const int64_t unit_slots = ceil_div(pc, 2 * BM) + (g.offsets ? std::min<int64_t>(g.experts, pc) : 0);
+    const unsigned units = (unsigned)(unit_slots * ceil_div(g.nout, bn)), grid = 2 * std::min(units, (unsigned)sms / 2);
     const bool kscaled = g.a_ng > 1 || g.wscheme == MOEFFI_W_BLOCK_128;
     cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -946,9 +951,11 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
   for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
     const int64_t mc = std::min(CHUNK, M - t0);
     const int pc = (int)(mc * topk), tok = token_tile(pc, E), rows = tok ? tok : BM;
+    const int bn1 = h->bn13, bn2 = h->bn2;
+    const bool pairs = use_pairs(tok, bn1, bn2, pc, E);
     CUtensorMap amap1, amap2;
     if ((st = make_map(&amap1, xq, pc, K, rows, msg, cap)) || (st = make_map(&amap2, hq, pc, N, rows, msg, cap))) return st;
-    launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s, rows, tiles);
+    launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s, pairs ? 2 * BM : rows, tiles);
     // Prefill quantizes each token once and writes its codes to each of its routed rows (inv): topk x
     // fewer rows to quantize than per pair, and no gather pass (deepseek M=4096: 181 -> 111 us, NOTES.md);
     // MOEFFI_HOPPER_PAIR_QUANT=1 quantizes per pair.
@@ -964,8 +971,9 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     const GemmArgs g1 = {offsets, tiles, E, (int)(2 * N), (int)K, nkb1, xs, (int)act_groups(act, K), h->s13,
                          p->weight_scale, scale_count(p->weight_scale, 2 * N, K), wide && fused ? nullptr : acc,
                          wide && fused ? (uint16_t *)acc : nullptr, nullptr, h->interleaved, fused};
-    const int bn1 = h->bn13, bn2 = h->bn2;
-    if ((st = launch_gemm(amap1, h->map13[map_index(tok, bn1)], g1, pc, tok, bn1, h->sms, s, msg, cap))) return st;
+    if ((st = launch_gemm(amap1, h->map13[map_index(tok, bn1)], g1, pc, tok, bn1, h->sms, s, msg, cap, 1,
+                          pairs ? &h->map13[3] : nullptr)))
+      return st;
     if (g1.silu) launch_quantize_rows(Bf16Rows{(const uint16_t *)acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl());
     else launch_quantize_rows(FastSiluRows{acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl()); // rows [0, offsets[E]) are routed
     const int64_t tiles2 = std::min<int64_t>(pc, ceil_div(pc, tok) + std::min(E, pc)); // a tile has >= 1 row
@@ -973,7 +981,9 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     const GemmArgs g2 = {offsets, tiles, E, (int)K, (int)N, nkb2, hs, (int)act_groups(act, N), h->s2,
                          p->weight_scale, scale_count(p->weight_scale, K, N), wide ? nullptr : acc,
                          wide ? (uint16_t *)acc : nullptr, nullptr, 0, 0, (int64_t)pc * K};
-    if ((st = launch_gemm(amap2, h->map2[map_index(tok, bn2)], g2, pc, tok, bn2, h->sms, s, msg, cap, splits))) return st;
+    if ((st = launch_gemm(amap2, h->map2[map_index(tok, bn2)], g2, pc, tok, bn2, h->sms, s, msg, cap, splits,
+                          pairs ? &h->map2[3] : nullptr)))
+      return st;
     const float *tw = (const float *)t->topk_weights + t0 * topk;
     uint16_t *out = (uint16_t *)t->out + t0 * K;
     if (wide) launch_pdl(use_pdl(), combine_vec_kernel<uint16_t>, dim3((unsigned)ceil_div(K, 8 * 256), (unsigned)mc), 256, 0, s,
@@ -1044,7 +1054,8 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
                   splits > 1 ? part : nullptr, splits > 1 ? nullptr : out, splits > 1 ? nullptr : bias, 0, 0, (int64_t)mc * N};
     g.rows1 = mc; // one expert: no grouping arrays on the device
     const int bn = h->bn13;
-    if ((st = launch_gemm(amap, h->map13[map_index(tok, bn)], g, mc, tok, bn, h->sms, s, msg, cap, splits, &h->map13[3])))
+    if ((st = launch_gemm(amap, h->map13[map_index(tok, bn)], g, mc, tok, bn, h->sms, s, msg, cap, splits,
+                          use_pairs(tok, bn, bn, mc, 1) ? &h->map13[3] : nullptr)))
       return st;
     if (splits > 1)
       launch_pdl(use_pdl(), mm_reduce_kernel, dim3((unsigned)std::min<int64_t>(ceil_div(mc * N / 2, 256), 4 * h->sms)), 256,
@@ -1150,11 +1161,10 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
     FAIL(MOEFFI_DEVICE, "copying the weights: %s", cudaGetErrorString(err));
   }
   st = MOEFFI_OK;
-  for (int i = 0; i < 3 && st == MOEFFI_OK; i++) {
+  for (int i = 0; i < 4 && st == MOEFFI_OK; i++) {
     st = make_map(&h->map13[i], h->w13, (uint64_t)(E * rows13), K, MAP_ROWS[i], msg, cap);
     if (st == MOEFFI_OK && !mm) st = make_map(&h->map2[i], h->w2, (uint64_t)(E * K), N, MAP_ROWS[i], msg, cap);
   }
-  if (st == MOEFFI_OK && mm) st = make_map(&h->map13[3], h->w13, (uint64_t)rows13, K, MAP_ROWS[3], msg, cap);
   if (st != MOEFFI_OK) {
     cudaFree(h->mem);
     free(h);
