@@ -1,8 +1,9 @@
 // hopper_fp8.cu: the Hopper (sm_90a) FP8 backend of moeffi: fp8_moe and fp8_scaled_mm on grouped
 // GEMMs that TMA-load fp8 tiles into mbarrier rings and multiply them with fp8 WGMMA, promoting each
-// 128-wide K block's tensor-core sum to fp32 (DeepGEMM's scheme). Few rows per expert (decode) take
-// swapped tiles (weights on the WGMMA's M side, 8-64 tokens on N); many take persistent 128 x 192
-// tiles with SiLU fused into GEMM 1. Routing, quantization and combine live in cuda/*.cuh.
+// 128-wide K block's tensor-core sum to fp32 (DeepGEMM's scheme; every second block where no scale
+// depends on K). Few rows per expert (decode) take swapped tiles (weights on the WGMMA's M side, 8-64
+// tokens on N); many take persistent 128 x 192 tiles with SiLU fused into GEMM 1, in two-CTA clusters
+// sharing the weight tile where experts have the rows. Routing, quantization and combine: cuda/*.cuh.
 // Design, every version's numbers and the next steps: NOTES.md beside this file.
 #include <cuda.h>
 #include <cuda_fp8.h>
@@ -234,9 +235,9 @@ __device__ __forceinline__ void produce(const CUtensorMap *amap, const CUtensorM
 // one expert x BN output columns.
 // Warpgroup 0 produces (one TMA thread, registers handed to the consumers) and runs ahead into the
 // next tile while the consumers store. Warpgroups 1 and 2 own 64 rows each: per 128-wide K block
-// four fp8 wgmma k32 into a fresh partial tile, release the stage, then acc += partial *
-// (group/block scales of kb) in fp32 - the partial sum of one block is the tensor core's (about
-// 14-bit exact, NOTES.md), the sum over blocks is fp32. Rows past the expert's end (the next
+// (two without K-dependent scales) four fp8 wgmma k32 into a fresh partial tile, release the stage,
+// then acc += partial * (group/block scales of kb) in fp32 - the partial sum is the tensor core's
+// (about 14-bit exact, NOTES.md), the sum over partials is fp32. Rows past the expert's end (the next
 // expert's rows or TMA zero fill) and columns past nout are computed but never stored.
 // PAIR: clusters of two CTAs take the two 128-row halves of a 256-row unit of one expert (the routing
 // counts tiles in such units) and one n-tile; each loads its A and half of B (bmap: BN / 2-row boxes),
