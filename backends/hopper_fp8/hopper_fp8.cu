@@ -418,14 +418,14 @@ __global__ void __launch_bounds__(GEMM_THREADS, 1)
       };
       if (c == 1 || g.nkb == 1) single(), kb = 1;
       for (; kb + 1 < g.nkb; kb += 2) {
-        const uint32_t first = stage;
+        const uint32_t first_stage = stage;
         mbar_wait(full0 + 8 * stage, phase);
         issue(part, stage);
         next();
         mbar_wait(full0 + 8 * stage, phase);
         issue(part, stage, false);
         wgmma_wait1();
-        release(first);
+        release(first_stage);
         wgmma_wait0();
         release(stage);
         next();
