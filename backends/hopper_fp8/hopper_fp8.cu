@@ -729,7 +729,8 @@ struct Handle {
   int64_t n, k, experts;
   int device, sms; // device ordinal, its multiprocessor count
   int interleaved;  // w13 (and per-channel scales) hold gate/up rows interleaved by 32: SiLU fuses into GEMM1
-  int bn13, bn2;    // wide-tile widths of the GEMMs over w13 and w2 (wide_bn)
+  int bn13, bn2;    // wide-tile widths of the GEMMs over w13 and w2 (wide_bn; fp8_moe: wide_tiles)
+  char gpu[256];    // the device's name, for the tune table
   void *mem;
   uint8_t *w13, *w2; // fp8 [E, 2N, K] and [E, K, N]
   float *s13, *s2;
@@ -781,13 +782,20 @@ void launch_swap(const CUtensorMap &amap, const CUtensorMap &bmap, const GemmArg
 constexpr int MAP_ROWS[4] = {SWAP_ROWS, 128, 192, 96};
 int map_index(int tok, int bn) { return tok ? 0 : bn == 192 ? 2 : 1; }
 
-// The tune table `deno task tune` writes beside this library (hopper_fp8.tune): lines "gpu <name>"
-// and "bn <nout> <128|192>", the measured best wide-tile width per GEMM output width on that GPU.
+// The tune table `deno task tune` writes beside this library (hopper_fp8.tune): lines "gpu <name>";
+// "bn <nout> <128|192>", the measured best wide-tile width per GEMM output width on that GPU; and
+// "layer <2N> <K> <rows> <128|192> <0|1>", for an fp8_moe layer whose GEMMs have those output widths
+// and whose mean rows per routed expert are at most <rows> (the M bucket), the best width of both
+// GEMMs and whether they run as CTA pairs.
 struct TuneTable {
   char gpu[256];
-  int count;
+  int count, layers;
   int64_t nout[256];
   int bn[256];
+  struct Layer {
+    int64_t n13, n2, rows;
+    int bn, pair;
+  } layer[256];
 };
 
 const TuneTable &tune_table() {
@@ -804,13 +812,16 @@ const TuneTable &tune_table() {
     if (!f) return;
     char line[512];
     while (fgets(line, sizeof line, f)) {
-      long long nout;
-      int bn;
+      long long nout, n13, n2, rows;
+      int bn, pair;
       if (!strncmp(line, "gpu ", 4)) {
         snprintf(t.gpu, sizeof t.gpu, "%s", line + 4);
         t.gpu[strcspn(t.gpu, "\r\n")] = 0;
       } else if (sscanf(line, "bn %lld %d", &nout, &bn) == 2 && (bn == 128 || bn == 192) && t.count < 256) {
         t.nout[t.count] = nout, t.bn[t.count++] = bn;
+      } else if (sscanf(line, "layer %lld %lld %lld %d %d", &n13, &n2, &rows, &bn, &pair) == 5 && (bn == 128 || bn == 192) &&
+                 (pair == 0 || pair == 1) && t.layers < 256) {
+        t.layer[t.layers++] = {n13, n2, rows, bn, pair};
       }
     }
     fclose(f);
@@ -822,12 +833,15 @@ const TuneTable &tune_table() {
 // (128|192) if set, else the tune table's entry when it was measured on this GPU, else 192 (fewer,
 // larger tiles need less L2 traffic per FLOP: 10-14% faster than 128 at M = 4096 on an H200,
 // NOTES.md) unless nout is at most 128.
-int wide_bn(int64_t nout, const char *gpu) {
+int forced_bn() {
   static const int forced = [] {
     const char *v = getenv("MOEFFI_HOPPER_BN");
     return v ? atoi(v) : 0;
   }();
-  if (forced == 128 || forced == 192) return forced;
+  return forced == 128 || forced == 192 ? forced : 0;
+}
+int wide_bn(int64_t nout, const char *gpu) {
+  if (const int forced = forced_bn()) return forced;
   const TuneTable &t = tune_table();
   if (!strcmp(t.gpu, gpu))
     for (int i = 0; i < t.count; i++)
@@ -890,8 +904,32 @@ constexpr int RASTER_GROUP_M = 8;
 // fewer rows an expert's odd last tile leaves half a pair idle: H100, M = 4096, pairs against single
 // CTAs: mixtral (1024 rows an expert) -9%, deepseek EP8 (1024) -6%, qwen3 (256) +8%, qwen1.5 (273) +11%.
 bool use_pairs(int tok, int bn1, int bn2, int64_t pc, int64_t experts) {
-  static const bool off = getenv("MOEFFI_HOPPER_NO_PAIR") != nullptr;
-  return !off && !tok && bn1 == 192 && bn2 == 192 && pc >= 4 * BM * std::min(experts, pc);
+  static const bool off = getenv("MOEFFI_HOPPER_NO_PAIR") != nullptr, on = getenv("MOEFFI_HOPPER_PAIR") != nullptr;
+  return !off && !tok && bn1 == 192 && bn2 == 192 && (on || pc >= 4 * BM * std::min(experts, pc));
+}
+
+// The wide tiles of one fp8_moe chunk of pc routed rows: the tune table's layer entry for this GPU,
+// these widths and the smallest M bucket holding the mean rows per routed expert, else the handle's
+// widths and use_pairs. MOEFFI_HOPPER_BN, MOEFFI_HOPPER_PAIR and MOEFFI_HOPPER_NO_PAIR override it
+// (deno task tune measures with them).
+struct WideTiles {
+  int bn1, bn2;
+  bool pairs;
+};
+WideTiles wide_tiles(const Handle *h, int tok, int64_t pc, int64_t experts) {
+  WideTiles w = {h->bn13, h->bn2, use_pairs(tok, h->bn13, h->bn2, pc, experts)};
+  static const bool forced = forced_bn() || getenv("MOEFFI_HOPPER_PAIR") || getenv("MOEFFI_HOPPER_NO_PAIR");
+  if (tok || forced) return w;
+  const TuneTable &t = tune_table();
+  if (strcmp(t.gpu, h->gpu)) return w;
+  const int64_t mean = ceil_div(pc, std::min(experts, pc));
+  const TuneTable::Layer *best = nullptr;
+  for (int i = 0; i < t.layers; i++) {
+    const TuneTable::Layer &l = t.layer[i];
+    if (l.n13 == 2 * h->n && l.n2 == h->k && mean <= l.rows && (!best || l.rows < best->rows)) best = &l;
+  }
+  if (best) w = {best->bn, best->bn, best->pair && best->bn == 192};
+  return w;
 }
 
 // bmap_half: B in BN / 2-row boxes: CTA pairs over 256-row units (use_pairs; tile_start counts those)
@@ -952,8 +990,9 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
   for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
     const int64_t mc = std::min(CHUNK, M - t0);
     const int pc = (int)(mc * topk), tok = token_tile(pc, E), rows = tok ? tok : BM;
-    const int bn1 = h->bn13, bn2 = h->bn2;
-    const bool pairs = use_pairs(tok, bn1, bn2, pc, E);
+    const WideTiles wt = wide_tiles(h, tok, pc, E);
+    const int bn1 = wt.bn1, bn2 = wt.bn2;
+    const bool pairs = wt.pairs;
     CUtensorMap amap1, amap2;
     if ((st = make_map(&amap1, xq, pc, K, rows, msg, cap)) || (st = make_map(&amap2, hq, pc, N, rows, msg, cap))) return st;
     launch_routing(ids + t0 * topk, pc, E, hist, offsets, perm, inv, t->error_flags, s, pairs ? 2 * BM : rows, tiles);
@@ -1133,6 +1172,7 @@ MOEFFI_API int32_t moeffi_prepare(const moeffi_problem *problem, const moeffi_we
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, h->device) != cudaSuccess) prop.name[0] = 0;
   h->bn13 = wide_bn(rows13, prop.name), h->bn2 = wide_bn(K, prop.name);
+  snprintf(h->gpu, sizeof h->gpu, "%s", prop.name);
   cudaError_t err = cudaMalloc(&h->mem, total);
   if (err != cudaSuccess) {
     free(h);
