@@ -22,18 +22,33 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// kernel<<<grid, block, smem, s>>>(args...) that may overlap the end of the previous kernel on s
-// (when pdl is false: an ordinary launch).
+// kernel<<<grid, block, smem, s>>>(args...) in clusters of `cluster` CTAs along x (grid.x a multiple of
+// it; 1: no clusters) that may overlap the end of the previous kernel on s (when pdl is false: an
+// ordinary launch).
+template <class... Params, class... Args>
+cudaError_t launch_pdl_clusters(bool pdl, unsigned cluster, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                cudaStream_t s, Args &&...args) {
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster, attr[n].val.clusterDim.y = 1, attr[n++].val.clusterDim.z = 1;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s;
+  cfg.attrs = attr, cfg.numAttrs = n;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// The same without clusters.
 template <class... Params, class... Args>
 cudaError_t launch_pdl(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
                        Args &&...args) {
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s;
-  cfg.attrs = &attr, cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  return launch_pdl_clusters(pdl, 1, kernel, grid, block, smem, s, std::forward<Args>(args)...);
 }
 
 } // namespace moeffi

@@ -945,16 +945,8 @@ int32_t launch_gemm(const CUtensorMap &amap, const CUtensorMap &bmap, const Gemm
     const int64_t unit_slots = ceil_div(pc, 2 * BM) + (g.offsets ? std::min<int64_t>(g.experts, pc) : 0);
     const unsigned units = (unsigned)(unit_slots * ceil_div(g.nout, bn)), grid = 2 * std::min(units, (unsigned)sms / 2);
     const bool kscaled = g.a_ng > 1 || g.wscheme == MOEFFI_W_BLOCK_128;
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 2, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid, cfg.blockDim = GEMM_THREADS, cfg.dynamicSmemBytes = wide_smem<192>(), cfg.stream = s;
-    cfg.attrs = attr, cfg.numAttrs = pdl ? 2 : 1;
-    MOEFFI_CUDA_TRY(cudaLaunchKernelEx(&cfg, kscaled ? grouped_gemm_sm90<192, true, true> : grouped_gemm_sm90<192, false, true>,
-                                       amap, *bmap_half, g));
+    launch_pdl_clusters(pdl, 2, kscaled ? grouped_gemm_sm90<192, true, true> : grouped_gemm_sm90<192, false, true>, grid,
+                        GEMM_THREADS, wide_smem<192>(), s, amap, *bmap_half, g);
   } else if (!tok) { // persistent: at most one CTA per SM
     const unsigned tiles = slots * (unsigned)ceil_div(g.nout, bn), grid = std::min(tiles, (unsigned)sms);
     const bool kscaled = g.a_ng > 1 || g.wscheme == MOEFFI_W_BLOCK_128;
