@@ -105,8 +105,8 @@ function moeCases(r: Rng, n: number): MoeCase[] {
     { experts: 2, topk: 1, m: 700, k: 384, n: 192 }, // wide tiles with ragged expert ends
     { experts: 4, topk: 2, m: 1, k: 256, n: 1024 }, // decode GEMM 2 with K split in two (partial sums)
     { experts: 8, topk: 2, m: 16, k: 512, n: 1536 },
-    // wide tiles with SiLU fused under per-token scales (hopper_fp8: h's row maxima from GEMM 1's epilogue):
-    // a partial last n-tile, rows a warp each; then rows past 16384 columns (a block each, and its tail loop)
+    // wide tiles with SiLU fused into GEMM 1 under per-token scales (hopper_fp8's bf16 h, then quantized): a partial
+    // last n-tile with 640-wide h (a warp a row); 16416-wide h (past the register kernels: the looping one)
     { experts: 4, topk: 2, m: 300, k: 256, n: 640, weightScale: "per-channel", actScale: "dynamic-token" },
     { experts: 1, topk: 1, m: 100, k: 64, n: 16416, weightScale: "per-tensor", actScale: "dynamic-token" },
   ];
