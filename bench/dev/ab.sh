@@ -12,13 +12,13 @@ lib=build/lib/libmoeffi_hopper_fp8.so
 mkdir -p build/var && cp "$lib" build/var/main.so
 raw="$out/ab-raw.jsonl"; : > "$raw"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/ab.txt"
+run() { env "${envs[@]}" MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 "$@"; } # envs: the variant's settings
 for round in $(seq "${AB_ROUNDS:-2}"); do
   for v in "$@"; do
     name=${v%%=*}; spec=${v#*=}; [ "$v" = "$name" ] && spec=$name
     IFS=, read -ra parts <<< "$spec"
     cp "build/var/${parts[0]}.so" "$lib"
     envs=("${parts[@]:1}")
-    run() { env "${envs[@]}" MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 "$@"; }
     run MOEFFI_BENCH_M="${AB_M:-1,16,4096}" MOEFFI_BENCH_REPS="${AB_REPS:-10}" ${AB_PRESETS:+MOEFFI_BENCH_PRESETS=$AB_PRESETS} \
       timeout 300 deno run -A bench/gpu.ts 2>&1 | grep '"us"' | sed "s/^{/{\"variant\":\"$name\",\"round\":$round,/" >> "$raw"
     if [ -n "${AB_MM_SHAPES:-}" ]; then

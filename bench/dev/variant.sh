@@ -15,6 +15,8 @@ git -C "$root" archive "$rev" backends cuda tests | tar -x -C "$tmp"
 for p in "$@"; do patch -s -p1 -d "$tmp" < "$root/$p"; done # (patch skips a header before the diff)
 mkdir -p "$root/build/var"
 nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+# compileShared's flags (backends/build.ts) less -lineinfo and the PTX fallback: build.ts with MOEFFI_CUDA_ARCHS=90a
+# gives 9.3 MB, too large to carry several
 "$nvcc" -O3 -std=c++17 -shared -Xcompiler -fPIC,-fvisibility=hidden -Xlinker -z,nodelete \
   -gencode arch=compute_90a,code=sm_90a -I "$tmp/backends" -I "$tmp/cuda" "$tmp/backends/hopper_fp8/hopper_fp8.cu" \
   -o "$root/build/var/$name.so"
