@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The device call session 11 prepared and could not run (no machine was lent): the decode layer patch checked and
+# measured, the other patches measured, in one call. Here first:
+#   git apply bench/dev/hopper_decode_layer.patch && deno task build          (build/lib: main + the decode layer)
+#   bash bench/dev/variant.sh base HEAD                                        (main without it)
+#   bash bench/dev/variant.sh cq HEAD bench/dev/hopper_decode_cluster_quant.patch
+#   bash bench/dev/variant.sh s10b 10d3e59 bench/dev/hopper_session10.patch bench/dev/hopper_session10b.patch
+#   ../shared/tools/gpu-bundle
+# then run `bash .gpu/run bash bench/dev/next_call.sh [steps]` with carry [".gpu", "build/var",
+# "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so", "build/lib/libmoeffi_reference.so"].
+# Steps (default: suite sanitize decode ncu, ~480 s; prefill adds ~150 s, so give it its own call):
+#   suite     the whole GPU suite on build/lib (the decode layer's new cases and the random m = 1, 2 per-token ones)
+#   sanitize  memcheck and racecheck (tests/gpu/run.sh sanitize: every fixed case, including the new ones)
+#   decode    A/B at M = 1, 2, 4: main (the patch), main with the layer off, base, cq
+#   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
+#   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
+# Everything lands in $OUT/logs.tgz and $OUT/summary.txt (the device returns at most 8 files).
+set -uo pipefail
+R=/tmp/r; mkdir -p $R
+trap 'cd /tmp && tar -czf $OUT/logs.tgz r; cp $R/summary.txt $OUT/ 2>/dev/null' EXIT
+S=$R/summary.txt
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > $S
+step() { local t0=$(date +%s); "$@"; local rc=$?; echo "[$(( $(date +%s) - t0 )) s, rc $rc] $*" | cut -c1-160 >> $S; }
+lib=build/lib/libmoeffi_hopper_fp8.so
+cp $lib build/var/main.so
+for s in ${*:-suite sanitize decode ncu}; do
+  case $s in
+    suite) step timeout 150 deno test -A tests/gpu/backends.gpu.ts > $R/suite.log 2>&1
+      grep -E "passed|FAILED|=> " $R/suite.log | tail -12 >> $S ;;
+    sanitize) step env OUT=$R timeout 240 bash tests/gpu/run.sh sanitize > $R/sanitize.log 2>&1
+      grep -E "exit|ERROR SUMMARY|hazard" $R/sanitize.log | tail -8 >> $S ;;
+    decode) step env OUT=$R/abd AB_M=1,2,4 AB_ROUNDS=2 timeout 260 bash bench/dev/ab.sh main \
+        off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 base=base cq=cq > $R/abd.log 2>&1
+      cat $R/abd/ab.txt >> $S ;;
+    ncu) for v in main base; do
+        cp build/var/$v.so $lib
+        step env MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=3 \
+          MOEFFI_BENCH_PRESETS=qwen3-30b-a3b,mixtral-8x7b timeout 60 ncu --clock-control none --print-units base \
+          --metrics gpu__time_duration.sum --csv deno run -A bench/gpu.ts > $R/ncu-$v.csv 2>&1
+        { echo "== ncu $v (us, serialized)"; python3 tests/gpu/ncu_times.py $R/ncu-$v.csv; } >> $S 2>&1
+      done
+      cp build/var/main.so $lib ;;
+    prefill) step env OUT=$R/abp AB_M=4096 AB_ROUNDS=2 timeout 200 bash bench/dev/ab.sh base=base s10b=s10b \
+        s10b-nohmax=s10b,MOEFFI_HOPPER_NO_HMAX=1 > $R/abp.log 2>&1
+      cat $R/abp/ab.txt >> $S ;;
+  esac
+done
