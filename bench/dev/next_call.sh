@@ -8,10 +8,10 @@
 #   ../shared/tools/gpu-bundle
 # then run `bash .gpu/run bash bench/dev/next_call.sh [steps]` with carry [".gpu", "build/var",
 # "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so", "build/lib/libmoeffi_reference.so"].
-# Steps (default: suite sanitize decode ncu, ~480 s; prefill adds ~150 s, so give it its own call):
+# Steps (default: suite sanitize decode ncu, ~520 s; prefill adds ~150 s, so give it its own call):
 #   suite     the whole GPU suite on build/lib (the decode layer's new cases and the random m = 1, 2 per-token ones)
 #   sanitize  memcheck and racecheck (tests/gpu/run.sh sanitize: every fixed case, including the new ones)
-#   decode    A/B at M = 1, 2, 4: main (the patch), main with the layer off, base, cq
+#   decode    A/B at M = 1, 2, 4: main (the patch), its rings capped at 6 stages, the layer off, base, cq
 #   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
 # Everything lands in $OUT/logs.tgz and $OUT/summary.txt (the device returns at most 8 files).
@@ -29,8 +29,8 @@ for s in ${*:-suite sanitize decode ncu}; do
       grep -E "passed|FAILED|=> " $R/suite.log | tail -12 >> $S ;;
     sanitize) step env OUT=$R timeout 240 bash tests/gpu/run.sh sanitize > $R/sanitize.log 2>&1
       grep -E "exit|ERROR SUMMARY|hazard" $R/sanitize.log | tail -8 >> $S ;;
-    decode) step env OUT=$R/abd AB_M=1,2,4 AB_ROUNDS=2 timeout 260 bash bench/dev/ab.sh main \
-        off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 base=base cq=cq > $R/abd.log 2>&1
+    decode) step env OUT=$R/abd AB_M=1,2,4 AB_ROUNDS=2 timeout 300 bash bench/dev/ab.sh main \
+        s6=main,MOEFFI_HOPPER_DECODE_STAGES=6 off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 base=base cq=cq > $R/abd.log 2>&1
       cat $R/abd/ab.txt >> $S ;;
     ncu) for v in main base; do
         cp build/var/$v.so $lib
