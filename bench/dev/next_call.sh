@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The device call session 11 prepared and could not run (no machine was lent): the decode layer patch checked and
-# measured, the other patches measured, in one call. Here first:
+# The device calls session 11 prepared and could not run (no machine was lent): the decode layer patch checked and
+# measured in one call, the other patches measured in a second. Here first:
 #   git apply bench/dev/hopper_decode_layer.patch && deno task build          (build/lib: main + the decode layer)
 #   bash bench/dev/variant.sh base HEAD                                        (main without it)
 #   bash bench/dev/variant.sh cq HEAD bench/dev/hopper_decode_cluster_quant.patch
 #   bash bench/dev/variant.sh s10b 10d3e59 bench/dev/hopper_session10.patch bench/dev/hopper_session10b.patch
-#   ../shared/tools/gpu-bundle
+#   ../shared/tools/gpu-bundle                    (build/var holding only base, cq and s10b keeps the call under 64 MiB)
 # then run `bash .gpu/run bash bench/dev/next_call.sh [steps]` with carry [".gpu", "build/var",
 # "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so", "build/lib/libmoeffi_reference.so"].
-# Steps (default: suite sanitize decode ncu, ~520 s; prefill adds ~150 s, so give it its own call):
+# Steps (default: suite sanitize decode ncu, ~470 s; then a second call: prefill cq, ~320 s):
 #   suite     the whole GPU suite on build/lib (the decode layer's new cases and the random m = 1, 2 per-token ones)
 #   sanitize  memcheck and racecheck (tests/gpu/run.sh sanitize: every fixed case, including the new ones)
-#   decode    A/B at M = 1, 2, 4: main (the patch), its rings capped at 6 stages, the layer off, base, cq
+#   decode    A/B at M = 1, 2, 4: main (the patch), its rings capped at 6 stages, the layer off (the old path)
+#   cq        A/B at M = 1, 2, 16: base against the cluster-quant patch (decode x and h rows by clusters of CTAs)
 #   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
 # Everything lands in $OUT/logs.tgz and $OUT/summary.txt (the device returns at most 8 files).
@@ -29,9 +30,11 @@ for s in ${*:-suite sanitize decode ncu}; do
       grep -E "passed|FAILED|=> " $R/suite.log | tail -12 >> $S ;;
     sanitize) step env OUT=$R timeout 240 bash tests/gpu/run.sh sanitize > $R/sanitize.log 2>&1
       grep -E "exit|ERROR SUMMARY|hazard" $R/sanitize.log | tail -8 >> $S ;;
-    decode) step env OUT=$R/abd AB_M=1,2,4 AB_ROUNDS=2 timeout 300 bash bench/dev/ab.sh main \
-        s6=main,MOEFFI_HOPPER_DECODE_STAGES=6 off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 base=base cq=cq > $R/abd.log 2>&1
+    decode) step env OUT=$R/abd AB_M=1,2,4 AB_ROUNDS=2 timeout 240 bash bench/dev/ab.sh main \
+        s6=main,MOEFFI_HOPPER_DECODE_STAGES=6 off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abd.log 2>&1
       cat $R/abd/ab.txt >> $S ;;
+    cq) step env OUT=$R/abc AB_M=1,2,16 AB_ROUNDS=2 timeout 150 bash bench/dev/ab.sh base=base cq=cq > $R/abc.log 2>&1
+      cat $R/abc/ab.txt >> $S ;;
     ncu) for v in main base; do
         cp build/var/$v.so $lib
         step env MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=3 \
@@ -40,7 +43,7 @@ for s in ${*:-suite sanitize decode ncu}; do
         { echo "== ncu $v (us, serialized)"; python3 tests/gpu/ncu_times.py $R/ncu-$v.csv; } >> $S 2>&1
       done
       cp build/var/main.so $lib ;;
-    prefill) step env OUT=$R/abp AB_M=4096 AB_ROUNDS=2 timeout 200 bash bench/dev/ab.sh base=base s10b=s10b \
+    prefill) step env OUT=$R/abp AB_M=4096 AB_ROUNDS=2 timeout 240 bash bench/dev/ab.sh base=base s10b=s10b \
         s10b-nohmax=s10b,MOEFFI_HOPPER_NO_HMAX=1 > $R/abp.log 2>&1
       cat $R/abp/ab.txt >> $S ;;
   esac
