@@ -78,7 +78,7 @@ def check(rows_of, a_rows, m, nkb):
 
 random.seed(11)
 for m in range(1, 9):
-    for w in range(4):  # decode_gate_up: warp w, gate rows 8w + g and up rows 32 + 8w + g of a 64-row stage
-        check(lambda g, w=w: (8 * w + g, 32 + 8 * w + g), 64, m, 2)
+    for cpart in range(2):  # decode_gate_up: a K block's 16 gate rows then 16 up rows; warp half cpart's rows
+        check(lambda g, c=cpart: (8 * c + g, 16 + 8 * c + g), 32, m, 2)
     check(lambda g: (g, g + 8), 16, m, 3)  # decode_down: a 16-row box
 print("decode.cuh fragments: every (row, token) equals its dot product, m = 1..8")
