@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # The device calls session 11 prepared and could not run (no machine was lent): the decode layer patch checked and
-# measured in one call, the other patches measured in a second. Here first:
-#   git apply bench/dev/hopper_decode_layer.patch && deno task build          (build/lib: main + the decode layer)
-#   bash bench/dev/variant.sh base HEAD                                        (main without it)
-#   bash bench/dev/variant.sh cq HEAD bench/dev/hopper_decode_cluster_quant.patch
-#   bash bench/dev/variant.sh s10b 10d3e59 bench/dev/hopper_session10.patch bench/dev/hopper_session10b.patch
-#   ../shared/tools/gpu-bundle                    (build/var holding only base, cq and s10b keeps the call under 64 MiB)
+# measured in one call, the other patches measured in a second. Here first: bash bench/dev/next_prepare.sh (applies the
+# patch, builds main + the patch into build/lib, the base, cq and s10b variants into build/var, and the .gpu bundle);
 # then run `bash .gpu/run bash bench/dev/next_call.sh [steps]` with carry [".gpu", "build/var",
 # "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so", "build/lib/libmoeffi_reference.so"].
 # Steps (default: suite sanitize decode ncu, ~470 s; then a second call: prefill cq, ~320 s):
