@@ -5,8 +5,8 @@
 # then run `bash .gpu/run bash bench/dev/next_call.sh [steps]` with carry [".gpu", "build/var",
 # "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so", "build/lib/libmoeffi_reference.so"].
 # Steps (default: suite sanitize decode ncu, ~470 s; then a second call: prefill cq, ~320 s):
-#   suite     the whole GPU suite on build/lib (the decode layer's new cases and the random m = 1, 2 per-token ones)
-#   sanitize  memcheck and racecheck (tests/gpu/run.sh sanitize: every fixed case, including the new ones)
+#   suite     tests/gpu/run.sh suite on backends.gpu.ts (the decode layer's new cases and the random m = 1, 2 ones)
+#   sanitize  tests/gpu/run.sh sanitize on it: memcheck and racecheck (every fixed case, including the new ones)
 #   decode    A/B at M = 1, 2, 4: main (the patch), its rings capped at 6 stages, the layer off (the old path)
 #   cq        A/B at M = 1, 2, 16: base against the cluster-quant patch (decode x and h rows by clusters of CTAs)
 #   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
@@ -22,10 +22,9 @@ lib=build/lib/libmoeffi_hopper_fp8.so
 cp $lib build/var/main.so
 for s in ${*:-suite sanitize decode ncu}; do
   case $s in
-    suite) step timeout 150 deno test -A tests/gpu/backends.gpu.ts > $R/suite.log 2>&1
-      grep -E "passed|FAILED|=> " $R/suite.log | tail -12 >> $S ;;
-    sanitize) step env OUT=$R timeout 240 bash tests/gpu/run.sh sanitize > $R/sanitize.log 2>&1
-      grep -E "exit|ERROR SUMMARY|hazard" $R/sanitize.log | tail -8 >> $S ;;
+    suite|sanitize) # tests/gpu/run.sh's steps on the hopper suite alone (the nvfp4 library is not carried)
+      step env OUT=$R MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout 400 bash tests/gpu/run.sh $s > $R/$s.out 2>&1
+      grep -E "passed|FAILED|=> |exit|hazard" $R/$s.out | tail -12 >> $S ;;
     decode) step env OUT=$R/abd AB_M=1,2,4 AB_ROUNDS=2 timeout 240 bash bench/dev/ab.sh main \
         s6=main,MOEFFI_HOPPER_DECODE_STAGES=6 off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abd.log 2>&1
       cat $R/abd/ab.txt >> $S ;;

@@ -4,17 +4,18 @@
 set -uo pipefail
 out=${OUT:-gpu-logs}; mkdir -p "$out"
 steps=${*:-suite sanitize bench}
+tests=${MOEFFI_GPU_TESTS:-tests/gpu/backends.gpu.ts tests/gpu/nvfp4.gpu.ts} # suite and sanitize (a subset: fewer libraries to carry)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 status=0
 for step in $steps; do
   echo "=== $step"
   case $step in
     suite) # the whole GPU suite under Deno
-      deno test -A tests/gpu/backends.gpu.ts tests/gpu/nvfp4.gpu.ts 2>&1 | tee "$out/suite.log" | grep -vE '^\s+at ' | tail -40 || status=1 ;;
+      deno test -A $tests 2>&1 | tee "$out/suite.log" | grep -vE '^\s+at ' | tail -40 || status=1 ;;
     sanitize) # a few problems of every test under memcheck and racecheck
       for tool in memcheck racecheck; do
         MOEFFI_GPU_PROBLEMS=0.05 compute-sanitizer --tool $tool --error-exitcode 9 --target-processes all \
-          deno test -A tests/gpu/backends.gpu.ts tests/gpu/nvfp4.gpu.ts > "$out/$tool.log" 2>&1
+          deno test -A $tests > "$out/$tool.log" 2>&1
         rc=$?; echo "$tool: exit $rc, $(grep -c '========= ' "$out/$tool.log") sanitizer lines"; tail -3 "$out/$tool.log"
         [ $rc -eq 0 ] || status=1
       done ;;
