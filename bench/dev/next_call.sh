@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
-# The device calls session 11 prepared and could not run (no machine was lent): the decode layer patch checked and
-# measured in one call, the other patches measured in a second. Here first: bash bench/dev/next_prepare.sh (applies the
-# patch, builds main + the patch into build/lib, the base, cq and s10b variants into build/var, and the .gpu bundle);
-# then run `bash .gpu/run bash bench/dev/next_call.sh [steps]` with carry [".gpu", "build/var",
-# "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so", "build/lib/libmoeffi_reference.so"].
-# Steps (default: suite sanitize decode ncu, ~470 s; then a second call: prefill cq, ~320 s):
+# Device calls for the patches in bench/dev (session 12's state: the decode layer patch is correct on the fixed cases
+# but ~2x slower than the old path at M = 1 with 16-row TMA boxes; its one-box-a-stage maps are the next measurement).
+# Here first: bash bench/dev/next_prepare.sh (applies the patch, builds main + the patch into build/lib, the base, cq
+# and s10b variants into build/var, and the .gpu bundle); then run `bash .gpu/run bash bench/dev/next_call.sh [steps]`
+# with carry [".gpu", "build/var", "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so",
+# "build/lib/libmoeffi_reference.so"]. Steps (default: suite decode ncud sanitize, ~420 s; session 12's machine starts
+# cost 90-210 s of device time each, failed ones too, so keep a call's steps within the budget left):
 #   suite     tests/gpu/run.sh suite on backends.gpu.ts (the decode layer's new cases and the random m = 1, 2 ones)
-#   sanitize  tests/gpu/run.sh sanitize on it: memcheck and racecheck (every fixed case, including the new ones)
-#   decode    A/B at M = 1, 2, 4: main (the patch), its rings capped at 6 stages, the layer off (the old path)
+#   sanitize  tests/gpu/run.sh sanitize on it: memcheck and racecheck (SANITIZE_LIMIT caps it, default 400 s)
+#   decode    which boxes prepare made (MOEFFI_HOPPER_DECODE_BOX=x), then A/B at M = DEC_M (1,2) over DEC_ROUNDS (2):
+#             main (one box a stage), 2d (16-row 2-D boxes), rot (items start at their own K block), off (old path)
+#   ncud      ncu sections and stall reasons of the decode kernels (on) and the old path's (off) at M = 1 (NCUD=on off)
 #   cq        A/B at M = 1, 2, 16: base against the cluster-quant patch (decode x and h rows by clusters of CTAs)
 #   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
-# Everything lands in $OUT/logs.tgz and $OUT/summary.txt (the device returns at most 8 files).
+#   rot       A/B at M = 1, 2: main, rot, off
+# Everything lands in $OUT/logs.tgz and $OUT/summary.txt (written as it goes).
 set -uo pipefail
 R=/tmp/r; mkdir -p $R
-trap 'cd /tmp && tar -czf $OUT/logs.tgz r; cp $R/summary.txt $OUT/ 2>/dev/null' EXIT
-S=$R/summary.txt
+trap 'cd /tmp && tar -czf $OUT/logs.tgz r' EXIT
+S=$OUT/summary.txt # written as it goes: a call cut at its limit still returns it
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > $S
 step() { local t0=$(date +%s); "$@"; local rc=$?; echo "[$(( $(date +%s) - t0 )) s, rc $rc] $*" | cut -c1-160 >> $S; }
 lib=build/lib/libmoeffi_hopper_fp8.so
 cp $lib build/var/main.so
-for s in ${*:-suite sanitize decode ncu}; do
+for s in ${*:-suite decode ncud sanitize}; do
   case $s in
     suite|sanitize) # tests/gpu/run.sh's steps on the hopper suite alone (the nvfp4 library is not carried)
-      step env OUT=$R MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout 400 bash tests/gpu/run.sh $s > $R/$s.out 2>&1
+      step env OUT=$R MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout ${SANITIZE_LIMIT:-400} bash tests/gpu/run.sh $s > $R/$s.out 2>&1
       grep -E "passed|FAILED|=> |exit|hazard" $R/$s.out | tail -12 >> $S ;;
-    decode) step env OUT=$R/abd AB_M=1,2,4 AB_ROUNDS=2 timeout 240 bash bench/dev/ab.sh main \
-        s6=main,MOEFFI_HOPPER_DECODE_STAGES=6 off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abd.log 2>&1
+    decode) step env OUT=$R/abd AB_M=${DEC_M:-1,2} AB_ROUNDS=${DEC_ROUNDS:-2} timeout 240 bash bench/dev/ab.sh main \
+        2d=main,MOEFFI_HOPPER_DECODE_BOX=2d rot=main,MOEFFI_HOPPER_DECODE_ROTATE=1 off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abd.log 2>&1
+      MOEFFI_HOPPER_DECODE_BOX=x MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=1 \
+        MOEFFI_BENCH_PRESETS=qwen3-30b-a3b timeout 60 deno run -A bench/gpu.ts 2>&1 | grep -m1 "decode boxes" >> $S
       cat $R/abd/ab.txt >> $S ;;
     cq) step env OUT=$R/abc AB_M=1,2,16 AB_ROUNDS=2 timeout 150 bash bench/dev/ab.sh base=base cq=cq > $R/abc.log 2>&1
       cat $R/abc/ab.txt >> $S ;;
@@ -38,6 +44,18 @@ for s in ${*:-suite sanitize decode ncu}; do
         { echo "== ncu $v (us, serialized)"; python3 tests/gpu/ncu_times.py $R/ncu-$v.csv; } >> $S 2>&1
       done
       cp build/var/main.so $lib ;;
+    rot) step env OUT=$R/abr AB_M=1,2 AB_ROUNDS=2 timeout 150 bash bench/dev/ab.sh main rot=main,MOEFFI_HOPPER_DECODE_ROTATE=1 \
+        off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abr.log 2>&1
+      cat $R/abr/ab.txt >> $S ;;
+    ncud) for v in ${NCUD:-on off}; do # ncu sections of the decode kernels (on) and the six-kernel path (off), mixtral and qwen3 M = 1
+        step env MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=1 \
+          MOEFFI_HOPPER_DECODE_TOKENS=$([ $v = on ] && echo 4 || echo 0) MOEFFI_BENCH_PRESETS=mixtral-8x7b,qwen3-30b-a3b \
+          timeout 120 ncu --clock-control none -k regex:"decode|swap" -c 12 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section WarpStateStats --section LaunchStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,dram__bytes_read.sum" \
+          deno run -A bench/gpu.ts > $R/ncud-$v.txt 2>&1
+        grep -E "^  [a-z_:<>()0-9 ]*(decode|swap)|Duration|DRAM Throughput|Memory Throughput|L2 Hit|Warp Cycles Per Issued|Grid Size|dram__bytes|stalled" \
+          $R/ncud-$v.txt | awk '!/stalled/ || $NF + 0 > 0.2' | cut -c1-150 >> $S
+      done ;;
     prefill) step env OUT=$R/abp AB_M=4096 AB_ROUNDS=2 timeout 240 bash bench/dev/ab.sh base=base s10b=s10b \
         s10b-nohmax=s10b,MOEFFI_HOPPER_NO_HMAX=1 > $R/abp.log 2>&1
       cat $R/abp/ab.txt >> $S ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Here (not on the device): everything bench/dev/next_call.sh needs, from a clean checkout of main with node_modules
-# installed. Applies bench/dev/hopper_decode_layer.patch to the working tree (undo: git checkout backends tests &&
+# installed. Applies bench/dev/hopper_decode_layer.patch to the working tree (undo: git checkout backends cuda tests &&
 # rm backends/hopper_fp8/decode.cuh), builds the libraries, the base / cq / s10b variants and the .gpu bundle, and
 # prints the carry list and size. Takes ~3 minutes on two cores.
 set -euo pipefail
