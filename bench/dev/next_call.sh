@@ -15,6 +15,10 @@
 #   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
 #   rot       A/B at M = 1, 2: main, rot, off
+#   landif    after decode: if the layer beat the old path at M = 1 on every preset, the whole GPU run on this build
+#             (suite, sanitizers and bench of every test file; results.tgz and land-logs.tgz come back for landing).
+#             Needs build/lib carried whole (the nvfp4 library too): carry [".gpu", "build/lib"]. A landing call:
+#             DEC_ROUNDS=1 ... next_call.sh decode landif ncud (~560 s when it lands, ~200 s when not)
 # Everything lands in $OUT/logs.tgz and $OUT/summary.txt (written as it goes).
 set -uo pipefail
 R=/tmp/r; mkdir -p $R
@@ -56,6 +60,16 @@ for s in ${*:-suite decode ncud sanitize}; do
         grep -E "^  [a-z_:<>()0-9 ]*(decode|swap)|Duration|DRAM Throughput|Memory Throughput|L2 Hit|Warp Cycles Per Issued|Grid Size|dram__bytes|stalled" \
           $R/ncud-$v.txt | awk '!/stalled/ || $NF + 0 > 0.2' | cut -c1-150 >> $S
       done ;;
+    landif) # the whole GPU run (tests/gpu/run.sh suite sanitize bench, every test file; carry build/lib whole) on this
+      # build, only if the decode A/B above has the layer faster than the old path (off) at M = 1 on every preset
+      if awk -F'|' '$3+0 == 1 && NF > 6 { split($(NF-1), a, "("); r = a[2] + 0; if (r <= 1.0) bad = 1; n++ }
+                    END { exit !(n > 0 && !bad) }' $R/abd/ab.txt 2>/dev/null; then
+        step env OUT=$R/land MOEFFI_GPU_TESTS="tests/gpu/backends.gpu.ts tests/gpu/nvfp4.gpu.ts" timeout 420 \
+          bash tests/gpu/run.sh suite sanitize bench > $R/land.out 2>&1
+        cp $R/land/results.tgz $OUT/ 2>/dev/null
+        tar -czf $OUT/land-logs.tgz -C $R land 2>/dev/null
+        grep -E "passed|FAILED|exit|hazard|^\| " $R/land.out | tail -40 >> $S
+      else echo "landif: no landing run (the decode layer is not faster than the old path at M = 1 everywhere)" >> $S; fi ;;
     prefill) step env OUT=$R/abp AB_M=4096 AB_ROUNDS=2 timeout 240 bash bench/dev/ab.sh base=base s10b=s10b \
         s10b-nohmax=s10b,MOEFFI_HOPPER_NO_HMAX=1 > $R/abp.log 2>&1
       cat $R/abp/ab.txt >> $S ;;
