@@ -5,6 +5,7 @@
 // Writes bench/results/<gpu>.json, .md and .svg.
 //
 //   MOEFFI_BENCH_PEER=peer.json deno run -A bench/gpu.ts      MOEFFI_BENCH_PRESETS=a,b  MOEFFI_BENCH_M=1,16
+//   MOEFFI_BENCH_SCHEME=block-128 (see SCHEME)
 import { readFileSync } from "node:fs";
 import { Context, MoeLayer, tensor, toBf16, topkSoftmax } from "../mod.ts";
 import type { ActScale, WeightScale } from "../ffi/abi.ts";
@@ -17,7 +18,11 @@ const env = (k: string, d: string) => process.env[k] ?? d;
 const presets = env("MOEFFI_BENCH_PRESETS", Object.keys(PRESETS).join(",")).split(",");
 const ms = env("MOEFFI_BENCH_M", "1,16,128,1024,4096").split(",").map(Number);
 const REPS = Number(env("MOEFFI_BENCH_REPS", "20")), WARMUP = 3, SETS = 3;
-const SCHEME: [WeightScale, ActScale] = ["per-channel", "dynamic-token"]; // the peer's recipe
+// The peer's recipe; MOEFFI_BENCH_SCHEME=block-128 takes DeepSeek's (128x128 weight blocks, 1x128 activation groups)
+// for A/B runs of the block path (the peer has no such recipe: its columns then compare different arithmetic)
+const SCHEME: [WeightScale, ActScale] = env("MOEFFI_BENCH_SCHEME", "per-channel") === "block-128"
+  ? ["block-128", "dynamic-group-128"]
+  : ["per-channel", "dynamic-token"];
 
 const peer: Peer | undefined = process.env.MOEFFI_BENCH_PEER
   ? JSON.parse(readFileSync(process.env.MOEFFI_BENCH_PEER, "utf8"))

@@ -9,13 +9,16 @@
 #   suite     tests/gpu/run.sh suite on backends.gpu.ts (the decode layer's new cases and the random m = 1, 2 ones)
 #   sanitize  tests/gpu/run.sh sanitize on it: memcheck and racecheck (SANITIZE_LIMIT caps it, default 400 s)
 #   decode    which boxes prepare made (MOEFFI_HOPPER_DECODE_BOX=x), then A/B at M = DEC_M (1,2) over DEC_ROUNDS (2):
-#             main (one box a stage), 2d (16-row 2-D boxes), rot (items start at their own K block), off (old path)
+#             main (one box a stage), then DEC_VARIANTS (default: 2d = 16-row 2-D boxes; blk and blkoff = the layer
+#             and the old path under 128x128 blocks and 1x128 groups; rot=main,MOEFFI_HOPPER_DECODE_ROTATE=1 is
+#             another), and last off (the old path, per-channel)
 #   ncud      ncu sections and stall reasons of the decode kernels (on) and the old path's (off) at M = 1 (NCUD=on off)
 #   cq        A/B at M = 1, 2, 16: base against the cluster-quant patch (decode x and h rows by clusters of CTAs)
 #   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
 #   rot       A/B at M = 1, 2: main, rot, off
-#   landif    after decode: if the layer beat the old path at M = 1 on every preset, the whole GPU run on this build
+#   landif    after decode: if the layer beat the old path at M = 1 on every preset (main < off, and blk < blkoff
+#             where both ran), the whole GPU run on this build
 #             (suite, sanitizers and bench of every test file; results.tgz and land-logs.tgz come back for landing).
 #             Needs build/lib carried whole (the nvfp4 library too): carry [".gpu", "build/lib"]. A landing call:
 #             DEC_ROUNDS=1 ... next_call.sh decode landif ncud (~560 s when it lands, ~200 s when not)
@@ -33,8 +36,9 @@ for s in ${*:-suite decode ncud sanitize}; do
     suite|sanitize) # tests/gpu/run.sh's steps on the hopper suite alone (the nvfp4 library is not carried)
       step env OUT=$R MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout ${SANITIZE_LIMIT:-400} bash tests/gpu/run.sh $s > $R/$s.out 2>&1
       grep -E "passed|FAILED|=> |exit|hazard" $R/$s.out | tail -12 >> $S ;;
-    decode) step env OUT=$R/abd AB_M=${DEC_M:-1,2} AB_ROUNDS=${DEC_ROUNDS:-2} timeout 240 bash bench/dev/ab.sh main \
-        2d=main,MOEFFI_HOPPER_DECODE_BOX=2d rot=main,MOEFFI_HOPPER_DECODE_ROTATE=1 off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abd.log 2>&1
+    decode) step env OUT=$R/abd AB_M=${DEC_M:-1,2} AB_ROUNDS=${DEC_ROUNDS:-2} timeout 300 bash bench/dev/ab.sh main \
+        ${DEC_VARIANTS:-2d=main,MOEFFI_HOPPER_DECODE_BOX=2d blk=main,MOEFFI_BENCH_SCHEME=block-128 \
+        blkoff=main,MOEFFI_BENCH_SCHEME=block-128,MOEFFI_HOPPER_DECODE_TOKENS=0} off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abd.log 2>&1
       MOEFFI_HOPPER_DECODE_BOX=x MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=1 \
         MOEFFI_BENCH_PRESETS=qwen3-30b-a3b timeout 60 deno run -A bench/gpu.ts 2>&1 | grep -m1 "decode boxes" >> $S
       cat $R/abd/ab.txt >> $S ;;
@@ -62,7 +66,9 @@ for s in ${*:-suite decode ncud sanitize}; do
       done ;;
     landif) # the whole GPU run (tests/gpu/run.sh suite sanitize bench, every test file; carry build/lib whole) on this
       # build, only if the decode A/B above has the layer faster than the old path (off) at M = 1 on every preset
-      if awk -F'|' '$3+0 == 1 && NF > 6 { split($(NF-1), a, "("); r = a[2] + 0; if (r <= 1.0) bad = 1; n++ }
+      if awk -F'|' '/^\| preset/ { for (i = 2; i < NF; i++) { gsub(/ /, "", $i); col[$i] = i } }
+                    $3 + 0 == 1 && ("off" in col) { n++; if ($(col["main"]) + 0 >= $(col["off"]) + 0) bad = 1
+                      if (("blk" in col) && ("blkoff" in col) && $(col["blk"]) + 0 >= $(col["blkoff"]) + 0) bad = 1 }
                     END { exit !(n > 0 && !bad) }' $R/abd/ab.txt 2>/dev/null; then
         step env OUT=$R/land MOEFFI_GPU_TESTS="tests/gpu/backends.gpu.ts tests/gpu/nvfp4.gpu.ts" timeout 420 \
           bash tests/gpu/run.sh suite sanitize bench > $R/land.out 2>&1
