@@ -17,6 +17,8 @@
 #   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
 #   rot       A/B at M = 1, 2: main, rot, off
+#   shapes    bench/dev/cublas_layer_shapes.py: how close cuBLAS itself gets to the prefill bar on each preset's GEMM
+#             shapes (the evidence for, or against, a prefill target being reachable on this hardware)
 #   landif    after decode: if the layer beat the old path at M = 1 on every preset (main < off, and blk < blkoff
 #             where both ran), the whole GPU run on this build
 #             (suite, sanitizers and bench of every test file; results.tgz and land-logs.tgz come back for landing).
@@ -76,6 +78,9 @@ for s in ${*:-suite decode ncud sanitize}; do
         tar -czf $OUT/land-logs.tgz -C $R land 2>/dev/null
         grep -E "passed|FAILED|exit|hazard|^\| " $R/land.out | tail -40 >> $S
       else echo "landif: no landing run (the decode layer is not faster than the old path at M = 1 everywhere)" >> $S; fi ;;
+    shapes) # cuBLAS on the presets' GEMM shapes (dense equivalent, one expert) against its own 8192^3 rate (~30 s)
+      step timeout 180 python3 bench/dev/cublas_layer_shapes.py > $R/shapes.json 2> $R/shapes.log
+      cp $R/shapes.json $OUT/ 2>/dev/null; cat $R/shapes.log >> $S ;;
     prefill) step env OUT=$R/abp AB_M=4096 AB_ROUNDS=2 timeout 240 bash bench/dev/ab.sh base=base s10b=s10b \
         s10b-nohmax=s10b,MOEFFI_HOPPER_NO_HMAX=1 > $R/abp.log 2>&1
       cat $R/abp/ab.txt >> $S ;;
