@@ -22,8 +22,11 @@
 #   landif    after decode: if the layer beat the old path at M = 1 on every preset (main < off, and blk < blkoff
 #             where both ran), the whole GPU run on this build
 #             (suite, sanitizers and bench of every test file; results.tgz and land-logs.tgz come back for landing).
-#             Needs build/lib carried whole (the nvfp4 library too): carry [".gpu", "build/lib"]. A landing call:
-#             DEC_ROUNDS=1 ... next_call.sh decode landif ncud (~560 s when it lands, ~200 s when not)
+#             Needs build/lib carried whole (the nvfp4 library too): carry [".gpu", "build/lib"]. A landing call
+#             (~560 s when it lands, ~80 s when not; the whole run alone took up to ~450 s in earlier sessions):
+#             DEC_M=1 DEC_ROUNDS=1 DEC_VARIANTS="blk=main,MOEFFI_BENCH_SCHEME=block-128
+#             blkoff=main,MOEFFI_BENCH_SCHEME=block-128,MOEFFI_HOPPER_DECODE_TOKENS=0" bash .gpu/run bash
+#             bench/dev/next_call.sh decode landif
 # Everything lands in $OUT/logs.tgz and $OUT/summary.txt (written as it goes).
 set -uo pipefail
 R=/tmp/r; mkdir -p $R
@@ -72,7 +75,7 @@ for s in ${*:-suite decode ncud sanitize}; do
                     $3 + 0 == 1 && ("off" in col) { n++; if ($(col["main"]) + 0 >= $(col["off"]) + 0) bad = 1
                       if (("blk" in col) && ("blkoff" in col) && $(col["blk"]) + 0 >= $(col["blkoff"]) + 0) bad = 1 }
                     END { exit !(n > 0 && !bad) }' $R/abd/ab.txt 2>/dev/null; then
-        step env OUT=$R/land MOEFFI_GPU_TESTS="tests/gpu/backends.gpu.ts tests/gpu/nvfp4.gpu.ts" timeout 420 \
+        step env OUT=$R/land MOEFFI_GPU_TESTS="tests/gpu/backends.gpu.ts tests/gpu/nvfp4.gpu.ts" timeout 480 \
           bash tests/gpu/run.sh suite sanitize bench > $R/land.out 2>&1
         cp $R/land/results.tgz $OUT/ 2>/dev/null
         tar -czf $OUT/land-logs.tgz -C $R land 2>/dev/null
