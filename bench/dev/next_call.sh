@@ -17,6 +17,8 @@
 #   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
 #   rot       A/B at M = 1, 2: main, rot, off
+#   mmq       hopper_mm_fused_quant.patch (build/var/mmq.so): the suite with it, then mm 8192^3, 4096x7168x16384 and
+#             1024x7168x7168 against base and with MOEFFI_HOPPER_MM_SEPARATE_QUANT=1 (~150 s)
 #   shapes    bench/dev/cublas_layer_shapes.py: how close cuBLAS itself gets to the prefill bar on each preset's GEMM
 #             shapes (the evidence for, or against, a prefill target being reachable on this hardware)
 #   landif    after decode: if the layer beat the old path at M = 1 on every preset (main < off, and blk < blkoff
@@ -84,6 +86,16 @@ for s in ${*:-suite decode ncud sanitize}; do
     shapes) # cuBLAS on the presets' GEMM shapes (dense equivalent, one expert) against its own 8192^3 rate (~30 s)
       step timeout 180 python3 bench/dev/cublas_layer_shapes.py > $R/shapes.json 2> $R/shapes.log
       cp $R/shapes.json $OUT/ 2>/dev/null; cat $R/shapes.log >> $S ;;
+    mmq) # hopper_mm_fused_quant.patch (build/var/mmq.so): the suite with it, then fp8_scaled_mm A/B against base and
+      # against its own separate-kernel path
+      cp build/var/mmq.so $lib
+      step env OUT=$R/mmq MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout 200 bash tests/gpu/run.sh suite > $R/mmq-suite.out 2>&1
+      grep -E "passed|FAILED|=> " $R/mmq-suite.out | tail -6 >> $S
+      cp build/var/main.so $lib
+      step env OUT=$R/abm AB_M=1 AB_PRESETS=qwen3-30b-a3b AB_ROUNDS=2 \
+        AB_MM_SHAPES=8192x8192x8192,4096x7168x16384,1024x7168x7168 timeout 300 bash bench/dev/ab.sh base=base mmq=mmq \
+        mmq-sep=mmq,MOEFFI_HOPPER_MM_SEPARATE_QUANT=1 > $R/abm.log 2>&1
+      cat $R/abm/ab.txt >> $S ;;
     prefill) step env OUT=$R/abp AB_M=4096 AB_ROUNDS=2 timeout 240 bash bench/dev/ab.sh base=base s10b=s10b \
         s10b-nohmax=s10b,MOEFFI_HOPPER_NO_HMAX=1 > $R/abp.log 2>&1
       cat $R/abp/ab.txt >> $S ;;

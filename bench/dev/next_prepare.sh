@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here (not on the device): everything bench/dev/next_call.sh needs, from a clean checkout of main with node_modules
 # installed. Applies bench/dev/hopper_decode_layer.patch to the working tree (undo: git checkout backends cuda tests &&
-# rm backends/hopper_fp8/decode.cuh), builds the libraries, the base / cq / s10b variants and the .gpu bundle, and
+# rm backends/hopper_fp8/decode.cuh), builds the libraries, the base / cq / s10b / mmq variants and the .gpu bundle, and
 # prints the carry list and size. Takes ~3 minutes on two cores.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -12,6 +12,7 @@ rm -rf build/var
 bash bench/dev/variant.sh base HEAD
 bash bench/dev/variant.sh cq HEAD bench/dev/hopper_decode_cluster_quant.patch
 bash bench/dev/variant.sh s10b 10d3e59 bench/dev/hopper_session10.patch bench/dev/hopper_session10b.patch
+bash bench/dev/variant.sh mmq HEAD bench/dev/hopper_mm_fused_quant.patch
 ../shared/tools/gpu-bundle
 carry=(.gpu build/var build/lib/libmoeffi_hopper_fp8.so build/lib/libmoeffi_fallback.so build/lib/libmoeffi_reference.so)
 echo "carry: [$(printf '"%s", ' "${carry[@]}" | sed 's/, $//')]"
