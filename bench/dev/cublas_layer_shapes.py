@@ -3,44 +3,27 @@ its own 8192^3 rate in the same run: how close the vendor library gets to the is
 a share of the 8192^3 rate) on these K and N, without expert boundaries. For each preset and M: the dense equivalent of
 GEMM 1 ([M * topk, K] x [K, 2N]) and GEMM 2 ([M * topk, N] x [N, K]), i.e. all routed rows against one weight matrix
 (an optimistic bound for a grouped kernel: same FLOPs, no per-expert tails, no routing, quantization or combine), and
-the per-expert shapes under uniform routing ([M * topk / E, K] x [K, 2N] and the GEMM 2 one) timed alone. CUDA-graph
-replays, median of 30. Device only: python3 bench/dev/cublas_layer_shapes.py [--m 4096,1024] > shapes.json
+the per-expert shapes under uniform routing ([M * topk / E, K] x [K, 2N] and the GEMM 2 one) timed alone (CUDA-graph
+replays, median of 30: bench/peers/torch_moe.py's timing).
+Device only: python3 bench/dev/cublas_layer_shapes.py [--m 4096,1024] > shapes.json
 """
 import argparse
 import json
-import statistics
+import os
 import sys
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-PRESETS = {  # bench/presets.ts
-    "mixtral-8x7b": (4096, 14336, 8, 2),
-    "qwen3-30b-a3b": (2048, 768, 128, 8),
-    "deepseek-v3-ep8": (7168, 2048, 32, 8),
-    "qwen1.5-moe-a2.7b": (2048, 1408, 60, 4),
-}
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "peers"))
+from torch_moe import PRESETS, scaled_mm_graph, time_us  # noqa: E402
 
 
-def gemm_us(m, n, k, dev, reps=30):
-    a = torch.randn(m, k, device=dev).to(FP8)
-    b = torch.randn(n, k, device=dev).to(FP8)
-    sa, sb = torch.rand(m, 1, device=dev) + 0.5, torch.rand(1, n, device=dev) + 0.5
-    fn = lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16)
-    fn()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(5):
-        g.replay()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in ev:
-        s.record()
-        g.replay()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in ev)
+def gemm_us(m, n, k, dev):
+    try:
+        return time_us([scaled_mm_graph(m, n, k, dev).replay], reps=30)[0]
+    except Exception as e:  # a shape cuBLAS refuses is reported, not fatal
+        print(f"{m}x{n}x{k}: {e}", file=sys.stderr)
+        return float("nan")
 
 
 def main():
@@ -52,7 +35,8 @@ def main():
     ref = 2 * 8192 ** 3 / ref_us / 1e6
     out = {"gpu": torch.cuda.get_device_name(0), "ref_8192_tflops": ref, "rows": []}
     print(f"{out['gpu']}: cuBLAS FP8 row-wise 8192^3 {ref:.0f} TFLOP/s", file=sys.stderr)
-    for name, (K, N, E, topk) in PRESETS.items():
+    for name, cfg in PRESETS.items():
+        K, N, E, topk = cfg["K"], cfg["N"], cfg["E"], cfg["topk"]
         for M in map(int, args.m.split(",")):
             P, r = M * topk, max(1, M * topk // E)
             shapes = {"dense1": (P, 2 * N, K), "dense2": (P, K, N), "expert1": (r, 2 * N, K), "expert2": (r, K, N)}

@@ -296,20 +296,28 @@ def sustained_us(replay, seconds):
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def scaled_mm_graph(M, N, K, dev):
+    """A CUDA graph of one cuBLAS FP8 GEMM [M, K] x [K, N] (torch._scaled_mm, row-wise scales, bf16 out) on random
+    operands; returns the graph (its tensors stay alive with it)."""
+    a = torch.randn(M, K, device=dev).to(FP8)
+    b = torch.randn(N, K, device=dev).to(FP8)
+    sa, sb = torch.rand(M, 1, device=dev) + 0.5, torch.rand(1, N, device=dev) + 0.5
+    fn = lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16)
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.operands = (a, b, sa, sb)
+    return g
+
+
 def mm_peer(dev, reps, sustain=0.0):
     """cuBLAS FP8 GEMM (torch._scaled_mm, row-wise scales, bf16 out) at the fp8_scaled_mm target shapes,
     timed as CUDA-graph replays. Per-token activation quantization is not included (the op's x is fp8).
     With sustain > 0, the shapes with M >= 4096 also get sustained_us over that many seconds."""
     rows = []
     for M, N, K in MM_SHAPES:
-        a = torch.randn(M, K, device=dev).to(FP8)
-        b = torch.randn(N, K, device=dev).to(FP8)
-        sa, sb = torch.rand(M, 1, device=dev) + 0.5, torch.rand(1, N, device=dev) + 0.5
-        fn = lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16)
-        fn()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = scaled_mm_graph(M, N, K, dev)
         us = time_us([g.replay], reps=reps)[0]
         rows.append(dict(m=M, n=N, k=K, us=us, tflops=2 * M * N * K / us / 1e6))
         if sustain > 0 and M >= 4096:
