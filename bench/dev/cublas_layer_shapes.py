@@ -20,7 +20,8 @@ from torch_moe import PRESETS, scaled_mm_graph, time_us  # noqa: E402
 
 def gemm_us(m, n, k, dev):
     try:
-        return time_us([scaled_mm_graph(m, n, k, dev).replay], reps=30)[0]
+        g, operands = scaled_mm_graph(m, n, k, dev)
+        return time_us([g.replay], reps=30)[0]
     except Exception as e:  # a shape cuBLAS refuses is reported, not fatal
         print(f"{m}x{n}x{k}: {e}", file=sys.stderr)
         return float("nan")

@@ -298,7 +298,7 @@ def sustained_us(replay, seconds):
 
 def scaled_mm_graph(M, N, K, dev):
     """A CUDA graph of one cuBLAS FP8 GEMM [M, K] x [K, N] (torch._scaled_mm, row-wise scales, bf16 out) on random
-    operands; returns the graph (its tensors stay alive with it)."""
+    operands; returns the graph and its operands (which must outlive the graph's replays)."""
     a = torch.randn(M, K, device=dev).to(FP8)
     b = torch.randn(N, K, device=dev).to(FP8)
     sa, sb = torch.rand(M, 1, device=dev) + 0.5, torch.rand(1, N, device=dev) + 0.5
@@ -307,8 +307,7 @@ def scaled_mm_graph(M, N, K, dev):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    g.operands = (a, b, sa, sb)
-    return g
+    return g, (a, b, sa, sb)
 
 
 def mm_peer(dev, reps, sustain=0.0):
@@ -317,7 +316,7 @@ def mm_peer(dev, reps, sustain=0.0):
     With sustain > 0, the shapes with M >= 4096 also get sustained_us over that many seconds."""
     rows = []
     for M, N, K in MM_SHAPES:
-        g = scaled_mm_graph(M, N, K, dev)
+        g, operands = scaled_mm_graph(M, N, K, dev)
         us = time_us([g.replay], reps=reps)[0]
         rows.append(dict(m=M, n=N, k=K, us=us, tflops=2 * M * N * K / us / 1e6))
         if sustain > 0 and M >= 4096:
