@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
 # Device calls for the patches in bench/dev (session 12's state: the decode layer patch is correct on the fixed cases
 # but ~2x slower than the old path at M = 1 with 16-row TMA boxes; its one-box-a-stage maps are the next measurement).
-# Here first: bash bench/dev/next_prepare.sh (applies the patch, builds main + the patch into build/lib, the base, cq
-# and s10b variants into build/var, and the .gpu bundle); then run `bash .gpu/run bash bench/dev/next_call.sh [steps]`
+# Here first: bash bench/dev/next_prepare.sh (applies the patch, builds main + the patch into build/lib, the base, cq,
+# s10b and mmq variants into build/var, and the .gpu bundle); then run `bash .gpu/run bash bench/dev/next_call.sh [steps]`
 # with carry [".gpu", "build/var", "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so",
 # "build/lib/libmoeffi_reference.so"]. Steps (default: suite decode ncud sanitize, ~420 s; session 12's machine starts
 # cost 90-210 s of device time each, failed ones too, so keep a call's steps within the budget left):
 #   suite     tests/gpu/run.sh suite on backends.gpu.ts (the decode layer's new cases and the random m = 1, 2 ones)
-#   sanitize  tests/gpu/run.sh sanitize on it: memcheck and racecheck (SANITIZE_LIMIT caps it, default 400 s)
+#   sanitize  tests/gpu/run.sh sanitize on it: memcheck and racecheck (TEST_LIMIT caps either step, default 400 s)
 #   decode    which boxes prepare made (MOEFFI_HOPPER_DECODE_BOX=x), then A/B at M = DEC_M (1,2) over DEC_ROUNDS (2):
 #             main (one box a stage), then DEC_VARIANTS (default: 2d = 16-row 2-D boxes; blk and blkoff = the layer
 #             and the old path under 128x128 blocks and 1x128 groups; rot=main,MOEFFI_HOPPER_DECODE_ROTATE=1 is
 #             another), and last off (the old path, per-channel)
-#   ncud      ncu sections and stall reasons of the decode kernels (on) and the old path's (off) at M = 1 (NCUD=on off)
+#   ncud      ncu sections and stall reasons of the decode kernels (on) and the old path's (off) at M = 1 (NCUD=on off;
+#             their Duration lines are the per-kernel times)
 #   cq        A/B at M = 1, 2, 16: base against the cluster-quant patch (decode x and h rows by clusters of CTAs)
-#   ncu       per-kernel device times at M = 1 (qwen3, mixtral), main and base
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
-#   rot       A/B at M = 1, 2: main, rot, off
 #   mmq       hopper_mm_fused_quant.patch (build/var/mmq.so): the suite with it, then mm 8192^3, 4096x7168x16384 and
 #             1024x7168x7168 against base and with MOEFFI_HOPPER_MM_SEPARATE_QUANT=1 (~150 s)
 #   shapes    bench/dev/cublas_layer_shapes.py: how close cuBLAS itself gets to the prefill bar on each preset's GEMM
@@ -41,7 +40,7 @@ cp $lib build/var/main.so
 for s in ${*:-suite decode ncud sanitize}; do
   case $s in
     suite|sanitize) # tests/gpu/run.sh's steps on the hopper suite alone (the nvfp4 library is not carried)
-      step env OUT=$R MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout ${SANITIZE_LIMIT:-400} bash tests/gpu/run.sh $s > $R/$s.out 2>&1
+      step env OUT=$R MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh $s > $R/$s.out 2>&1
       grep -E "passed|FAILED|=> |exit|hazard" $R/$s.out | tail -12 >> $S ;;
     decode) step env OUT=$R/abd AB_M=${DEC_M:-1,2} AB_ROUNDS=${DEC_ROUNDS:-2} timeout 300 bash bench/dev/ab.sh main \
         ${DEC_VARIANTS:-2d=main,MOEFFI_HOPPER_DECODE_BOX=2d blk=main,MOEFFI_BENCH_SCHEME=block-128 \
@@ -51,17 +50,6 @@ for s in ${*:-suite decode ncud sanitize}; do
       cat $R/abd/ab.txt >> $S ;;
     cq) step env OUT=$R/abc AB_M=1,2,16 AB_ROUNDS=2 timeout 150 bash bench/dev/ab.sh base=base cq=cq > $R/abc.log 2>&1
       cat $R/abc/ab.txt >> $S ;;
-    ncu) for v in main base; do
-        cp build/var/$v.so $lib
-        step env MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=3 \
-          MOEFFI_BENCH_PRESETS=qwen3-30b-a3b,mixtral-8x7b timeout 60 ncu --clock-control none --print-units base \
-          --metrics gpu__time_duration.sum --csv deno run -A bench/gpu.ts > $R/ncu-$v.csv 2>&1
-        { echo "== ncu $v (us, serialized)"; python3 tests/gpu/ncu_times.py $R/ncu-$v.csv; } >> $S 2>&1
-      done
-      cp build/var/main.so $lib ;;
-    rot) step env OUT=$R/abr AB_M=1,2 AB_ROUNDS=2 timeout 150 bash bench/dev/ab.sh main rot=main,MOEFFI_HOPPER_DECODE_ROTATE=1 \
-        off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abr.log 2>&1
-      cat $R/abr/ab.txt >> $S ;;
     ncud) for v in ${NCUD:-on off}; do # ncu sections of the decode kernels (on) and the six-kernel path (off), mixtral and qwen3 M = 1
         step env MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=1 \
           MOEFFI_HOPPER_DECODE_TOKENS=$([ $v = on ] && echo 4 || echo 0) MOEFFI_BENCH_PRESETS=mixtral-8x7b,qwen3-30b-a3b \
