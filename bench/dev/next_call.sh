@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Device calls for the patches in bench/dev (session 12's state: the decode layer patch is correct on the fixed cases
-# but ~2x slower than the old path at M = 1 with 16-row TMA boxes; its one-box-a-stage maps are the next measurement).
+# but ~2x slower than the old path at M = 1 with 16-row TMA boxes; its one-box-a-stage maps, and session 13's two GEMM 1
+# CTAs an SM and pipelined GEMM 1 consumer, are the next measurement).
 # Here first: bash bench/dev/next_prepare.sh (applies the patch, builds main + the patch into build/lib, the base, cq,
 # s10b and mmq variants into build/var, and the .gpu bundle); then run `bash .gpu/run bash bench/dev/next_call.sh [steps]`
 # with carry [".gpu", "build/var", "build/lib/libmoeffi_hopper_fp8.so", "build/lib/libmoeffi_fallback.so",
-# "build/lib/libmoeffi_reference.so"]. Steps (default: suite decode ncud sanitize, ~420 s; session 12's machine starts
+# "build/lib/libmoeffi_reference.so"]. Steps (default: suite suiteknobs decode ncud sanitize, ~500 s; session 12's machine starts
 # cost 90-210 s of device time each, failed ones too, so keep a call's steps within the budget left):
 #   suite     tests/gpu/run.sh suite on backends.gpu.ts (the decode layer's new cases and the random m = 1, 2 ones)
+#   suiteknobs  the suite with MOEFFI_HOPPER_DECODE_PIPE=1 and MOEFFI_HOPPER_DECODE_CTAS=2 (their code paths' correctness)
 #   sanitize  tests/gpu/run.sh sanitize on it: memcheck and racecheck (TEST_LIMIT caps either step, default 400 s)
 #   decode    which boxes prepare made (MOEFFI_HOPPER_DECODE_BOX=x), then A/B at M = DEC_M (1,2) over DEC_ROUNDS (2):
-#             main (one box a stage), then DEC_VARIANTS (default: 2d = 16-row 2-D boxes; c2 = two GEMM 1 CTAs an SM; blk and blkoff = the layer
+#             main (one box a stage), then DEC_VARIANTS (default: 2d = 16-row 2-D boxes; c2 = two GEMM 1 CTAs an SM;
+#             pipe = GEMM 1's consumer with a stage's WGMMAs in flight; blk and blkoff = the layer
 #             and the old path under 128x128 blocks and 1x128 groups; rot=main,MOEFFI_HOPPER_DECODE_ROTATE=1 is
 #             another), and last off (the old path, per-channel)
-#   ncud      ncu sections and stall reasons of the decode kernels (on) and the old path's (off) at M = 1 (NCUD=on off;
+#   ncud      ncu sections and stall reasons of the decode kernels (on, c2, pipe) and the old path's (off) at M = 1 (NCUD;
 #             their Duration lines are the per-kernel times)
 #   cq        A/B at M = 1, 2, 16: base against the cluster-quant patch (decode x and h rows by clusters of CTAs)
 #   prefill   A/B at M = 4096: base, s10b, s10b with MOEFFI_HOPPER_NO_HMAX=1
@@ -37,22 +40,27 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >
 step() { local t0=$(date +%s); "$@"; local rc=$?; echo "[$(( $(date +%s) - t0 )) s, rc $rc] $*" | cut -c1-160 >> $S; }
 lib=build/lib/libmoeffi_hopper_fp8.so
 cp $lib build/var/main.so
-for s in ${*:-suite decode ncud sanitize}; do
+for s in ${*:-suite suiteknobs decode ncud sanitize}; do
   case $s in
+    suiteknobs) # the suite under the decode knobs' code paths (the pipelined GEMM 1 consumer, two CTAs an SM)
+      step env OUT=$R/knobs MOEFFI_HOPPER_DECODE_PIPE=1 MOEFFI_HOPPER_DECODE_CTAS=2 MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts \
+        timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh suite > $R/suiteknobs.out 2>&1
+      grep -E "passed|FAILED|=> |exit" $R/suiteknobs.out | tail -8 >> $S ;;
     suite|sanitize) # tests/gpu/run.sh's steps on the hopper suite alone (the nvfp4 library is not carried)
       step env OUT=$R MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh $s > $R/$s.out 2>&1
       grep -E "passed|FAILED|=> |exit|hazard" $R/$s.out | tail -12 >> $S ;;
     decode) step env OUT=$R/abd AB_M=${DEC_M:-1,2} AB_ROUNDS=${DEC_ROUNDS:-2} timeout 300 bash bench/dev/ab.sh main \
-        ${DEC_VARIANTS:-2d=main,MOEFFI_HOPPER_DECODE_BOX=2d c2=main,MOEFFI_HOPPER_DECODE_CTAS=2 blk=main,MOEFFI_BENCH_SCHEME=block-128 \
+        ${DEC_VARIANTS:-2d=main,MOEFFI_HOPPER_DECODE_BOX=2d c2=main,MOEFFI_HOPPER_DECODE_CTAS=2 pipe=main,MOEFFI_HOPPER_DECODE_PIPE=1 blk=main,MOEFFI_BENCH_SCHEME=block-128 \
         blkoff=main,MOEFFI_BENCH_SCHEME=block-128,MOEFFI_HOPPER_DECODE_TOKENS=0} off=main,MOEFFI_HOPPER_DECODE_TOKENS=0 > $R/abd.log 2>&1
       MOEFFI_HOPPER_DECODE_BOX=x MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=1 \
         MOEFFI_BENCH_PRESETS=qwen3-30b-a3b timeout 60 deno run -A bench/gpu.ts 2>&1 | grep -m1 "decode boxes" >> $S
       cat $R/abd/ab.txt >> $S ;;
     cq) step env OUT=$R/abc AB_M=1,2,16 AB_ROUNDS=2 timeout 150 bash bench/dev/ab.sh base=base cq=cq > $R/abc.log 2>&1
       cat $R/abc/ab.txt >> $S ;;
-    ncud) for v in ${NCUD:-on c2 off}; do # ncu sections of the decode kernels (on; c2: two GEMM 1 CTAs an SM) and the six-kernel path (off), mixtral and qwen3 M = 1
+    ncud) for v in ${NCUD:-on c2 pipe off}; do # ncu sections of the decode kernels (on; c2: two GEMM 1 CTAs an SM; pipe: a stage's WGMMAs in flight) and the six-kernel path (off), mixtral and qwen3 M = 1
         step env MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=1 \
-          MOEFFI_HOPPER_DECODE_TOKENS=$([ $v = off ] && echo 0 || echo 4) MOEFFI_HOPPER_DECODE_CTAS=$([ $v = c2 ] && echo 2 || echo 1) MOEFFI_BENCH_PRESETS=mixtral-8x7b,qwen3-30b-a3b \
+          MOEFFI_HOPPER_DECODE_TOKENS=$([ $v = off ] && echo 0 || echo 4) MOEFFI_HOPPER_DECODE_CTAS=$([ $v = c2 ] && echo 2 || echo 1) MOEFFI_HOPPER_DECODE_PIPE=$([ $v = pipe ] && echo 1 || echo 0) \
+          MOEFFI_BENCH_PRESETS=mixtral-8x7b,qwen3-30b-a3b \
           timeout 120 ncu --clock-control none -k regex:"decode|swap" -c 12 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section WarpStateStats --section LaunchStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,dram__bytes_read.sum" \
           deno run -A bench/gpu.ts > $R/ncud-$v.txt 2>&1
