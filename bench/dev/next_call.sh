@@ -42,12 +42,11 @@ lib=build/lib/libmoeffi_hopper_fp8.so
 cp $lib build/var/main.so
 for s in ${*:-suite suiteknobs decode ncud sanitize}; do
   case $s in
-    suiteknobs) # the suite under the decode knobs' code paths (the pipelined GEMM 1 consumer, two CTAs an SM)
-      step env OUT=$R/knobs MOEFFI_HOPPER_DECODE_PIPE=1 MOEFFI_HOPPER_DECODE_CTAS=2 MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts \
-        timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh suite > $R/suiteknobs.out 2>&1
-      grep -E "passed|FAILED|=> |exit" $R/suiteknobs.out | tail -8 >> $S ;;
-    suite|sanitize) # tests/gpu/run.sh's steps on the hopper suite alone (the nvfp4 library is not carried)
-      step env OUT=$R MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh $s > $R/$s.out 2>&1
+    suite|suiteknobs|sanitize) # tests/gpu/run.sh's steps on the hopper suite alone (the nvfp4 library is not carried);
+      # suiteknobs: the suite under the decode knobs' code paths (the pipelined GEMM 1 consumer, two CTAs an SM)
+      knobs=; [ $s = suiteknobs ] && knobs="MOEFFI_HOPPER_DECODE_PIPE=1 MOEFFI_HOPPER_DECODE_CTAS=2"
+      step env OUT=$R/$s $knobs MOEFFI_GPU_TESTS=tests/gpu/backends.gpu.ts timeout ${TEST_LIMIT:-400} \
+        bash tests/gpu/run.sh ${s%knobs} > $R/$s.out 2>&1
       grep -E "passed|FAILED|=> |exit|hazard" $R/$s.out | tail -12 >> $S ;;
     decode) step env OUT=$R/abd AB_M=${DEC_M:-1,2} AB_ROUNDS=${DEC_ROUNDS:-2} timeout 300 bash bench/dev/ab.sh main \
         ${DEC_VARIANTS:-2d=main,MOEFFI_HOPPER_DECODE_BOX=2d c2=main,MOEFFI_HOPPER_DECODE_CTAS=2 pipe=main,MOEFFI_HOPPER_DECODE_PIPE=1 blk=main,MOEFFI_BENCH_SCHEME=block-128 \
