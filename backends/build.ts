@@ -61,6 +61,10 @@ export interface BuildResult {
   detail?: string;
 }
 
+/** Sources of another backend that a source includes (`#include "hopper_fp8/hopper_fp8.cu"`). */
+const includedSources = (source: string): string[] =>
+  [...readFileSync(source, "utf8").matchAll(/^#include "([^"]+\.cu)"/gm)].map((m) => join(ROOT, "backends", m[1]));
+
 /** Compiles C sources into a shared library if any input or the command changed. */
 export async function compileShared(name: string, sources: string[], out: string, extraFlags: string[] = []): Promise<BuildResult> {
   const cuda = sources.some((s) => s.endsWith(".cu"));
@@ -74,7 +78,7 @@ export async function compileShared(name: string, sources: string[], out: string
     : ["-std=c11", "-O3", "-ffp-contract=off", "-Wall", "-Wextra", "-fPIC", "-shared", "-fvisibility=hidden", "-Wl,-z,nodelete", ...(await openmpFlags()), ...includes, ...extraFlags, ...sources, "-o", out, "-lm"];
   const stamp = `${out}.cmd`;
   const command = [compiler, ...args].join(" ");
-  const inputs = [...sources, ...HEADER_DIRS.flatMap(filesUnder).filter((f) => /\.(h|cuh)$/.test(f))];
+  const inputs = [...sources, ...sources.flatMap(includedSources), ...HEADER_DIRS.flatMap(filesUnder).filter((f) => /\.(h|cuh)$/.test(f))];
   const fresh = existsSync(out) && existsSync(stamp) && readFileSync(stamp, "utf8") === command &&
     inputs.every((f) => statSync(f).mtimeMs <= statSync(out).mtimeMs);
   if (fresh) return { name, status: "up to date" };

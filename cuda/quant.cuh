@@ -274,13 +274,13 @@ void launch_quantize_rows_vec(const Rows &rows, int64_t count, int64_t len, uint
 }
 
 // Quantizes rows [0, count) (those that exist) under a dynamic per-token or 1x128 scheme with the
-// register kernel when the row fits, else with the looping one. With pdl the launch may overlap the
-// end of the previous kernel (pdl.cuh).
+// register kernel when the row fits, else (and under a static per-tensor scale, *fixed on the device)
+// with the looping one. With pdl the launch may overlap the end of the previous kernel (pdl.cuh).
 template <class Rows>
 void launch_quantize_rows(const Rows &rows, int64_t count, int64_t len, uint32_t act, uint8_t *q, float *scales,
-                          cudaStream_t s, bool pdl = false) {
-  if (quantize_fits(len)) launch_quantize_rows_vec<false>(rows, count, len, act, q, scales, s, pdl, RowDest{});
-  else launch_pdl(pdl, quantize_rows_kernel<Rows>, dim3((unsigned)count), QUANT_THREADS, 0, s, rows, len, ActScheme{act, nullptr, nullptr}, q, scales);
+                          cudaStream_t s, bool pdl = false, const float *fixed = nullptr) {
+  if (quantize_fits(len) && act != MOEFFI_A_STATIC_TENSOR) launch_quantize_rows_vec<false>(rows, count, len, act, q, scales, s, pdl, RowDest{});
+  else launch_pdl(pdl, quantize_rows_kernel<Rows>, dim3((unsigned)count), QUANT_THREADS, 0, s, rows, len, ActScheme{act, fixed, nullptr}, q, scales);
 }
 
 // The same, each row's codes and scales written to dest's rows; needs quantize_fits(len).

@@ -5,6 +5,11 @@
 // tokens on N); many take persistent 128 x 192 tiles with SiLU fused into GEMM 1, in two-CTA clusters
 // sharing the weight tile where experts have the rows. Routing, quantization and combine: cuda/*.cuh.
 // Design, every version's numbers and the next steps: NOTES.md beside this file.
+// The same source is the batch_invariant_fp8 backend (../batch_invariant_fp8), which includes it with
+// MOEFFI_FIXED_CONFIG set: these kernels under one configuration for every M (FIXED below).
+#ifndef MOEFFI_FIXED_CONFIG
+#define MOEFFI_FIXED_CONFIG 0
+#endif
 #include <cuda.h>
 #include <cuda_fp8.h>
 #include <cudaTypedefs.h>
@@ -31,6 +36,14 @@ using namespace moeffi;
 MOEFFI_DEFINE_LAYOUT()
 
 namespace {
+
+// The batch-invariant build: one GEMM configuration whatever M is (moe.md section 5): wide 128-row
+// tiles whose width depends on the weight shape only, no CTA pairs, no swapped tiles, no K split, no
+// tune table. Each output element is then one CTA's sum over the whole K in one order, and every
+// other step is row-local (quantization: a max, exact in any order) or a fixed-order combine.
+constexpr bool FIXED = MOEFFI_FIXED_CONFIG;
+constexpr const char *NAME = FIXED ? "batch_invariant_fp8" : "hopper_fp8";
+constexpr int32_t PRIORITY = FIXED ? 25 : 30; // both above the fallback (10); the M-tuned build first
 
 constexpr int64_t CHUNK = 4096;      // tokens per pass: bounds the workspace
 constexpr int64_t MAX_DIM = 1 << 20; // n, k
@@ -72,16 +85,18 @@ int32_t check_problem(const moeffi_problem *p, char *msg, uint32_t cap) {
   if (!p) FAIL(MOEFFI_INVALID, "problem is NULL");
   if (p->size < sizeof(moeffi_problem)) FAIL(MOEFFI_INVALID, "problem struct too small");
   if (p->op != MOEFFI_OP_FP8_MOE && p->op != MOEFFI_OP_FP8_SCALED_MM)
-    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 implements fp8_moe and fp8_scaled_mm only (op %u)", p->op);
-  const int32_t device = moeffi_check_cuda_device(p, "hopper_fp8", 9, 9, "sm_90a (H100/H200)", msg, cap);
+    FAIL(MOEFFI_UNSUPPORTED, "%s implements fp8_moe and fp8_scaled_mm only (op %u)", NAME, p->op);
+  const int32_t device = moeffi_check_cuda_device(p, NAME, 9, 9, "sm_90a (H100/H200)", msg, cap);
   if (device != MOEFFI_OK) return device;
   if (p->weight_scale > MOEFFI_W_BLOCK_128) FAIL(MOEFFI_UNSUPPORTED, "unknown weight scale %u", p->weight_scale);
   if (p->act_scale > MOEFFI_A_DYNAMIC_GROUP_128) FAIL(MOEFFI_UNSUPPORTED, "unknown activation scale %u", p->act_scale);
-  if (p->act_scale == MOEFFI_A_DYNAMIC_TENSOR || p->act_scale == MOEFFI_A_STATIC_TENSOR)
+  if (FIXED && p->act_scale == MOEFFI_A_DYNAMIC_TENSOR)
+    FAIL(MOEFFI_UNSUPPORTED, "dynamic per-tensor activation scales depend on the whole batch, so they are not batch invariant");
+  if (!FIXED && (p->act_scale == MOEFFI_A_DYNAMIC_TENSOR || p->act_scale == MOEFFI_A_STATIC_TENSOR))
     FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 takes dynamic per-token or 1x128-group activations, not %s per-tensor",
          p->act_scale == MOEFFI_A_STATIC_TENSOR ? "static" : "dynamic");
-  if (p->flags & MOEFFI_FLAG_BATCH_INVARIANT)
-    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 is not batch invariant (its tile shape depends on M)");
+  if (!FIXED && (p->flags & MOEFFI_FLAG_BATCH_INVARIANT))
+    FAIL(MOEFFI_UNSUPPORTED, "hopper_fp8 is not batch invariant (its tile shape depends on M; batch_invariant_fp8 is)");
   if (p->n <= 0 || p->k <= 0 || p->n % 16 || p->k % 16)
     FAIL(MOEFFI_UNSUPPORTED, "n and k must be positive multiples of 16 (TMA row strides)");
   if (p->n > MAX_DIM || p->k > MAX_DIM)
@@ -761,6 +776,7 @@ int32_t check_handle(const moeffi_problem *p, const Handle *h, char *msg, uint32
 // covering the mean rows per routed expert (a chunk's routing is on the device; the mean is a bound
 // known on the host: pc pairs over at most min(E, pc) experts).
 int token_tile(int64_t pc, int64_t experts, int64_t max_mean = SWAP_MAX_TOK) {
+  if (FIXED) return 0;
   const int64_t mean = ceil_div(pc, std::max<int64_t>(1, std::min(experts, pc)));
   if (mean > max_mean) return 0;
   int tok = 8;
@@ -841,6 +857,7 @@ int forced_bn() {
   return forced == 128 || forced == 192 ? forced : 0;
 }
 int wide_bn(int64_t nout, const char *gpu) {
+  if (FIXED) return nout > 128 ? 192 : 128;
   if (const int forced = forced_bn()) return forced;
   const TuneTable &t = tune_table();
   if (!strcmp(t.gpu, gpu))
@@ -905,7 +922,7 @@ constexpr int RASTER_GROUP_M = 8;
 // CTAs: mixtral (1024 rows an expert) -9%, deepseek EP8 (1024) -6%, qwen3 (256) +8%, qwen1.5 (273) +11%.
 bool use_pairs(int tok, int bn1, int bn2, int64_t pc, int64_t experts) {
   static const bool off = getenv("MOEFFI_HOPPER_NO_PAIR") != nullptr, on = getenv("MOEFFI_HOPPER_PAIR") != nullptr;
-  return !off && !tok && bn1 == 192 && bn2 == 192 && (on || pc >= 4 * BM * std::min(experts, pc));
+  return !FIXED && !off && !tok && bn1 == 192 && bn2 == 192 && (on || pc >= 4 * BM * std::min(experts, pc));
 }
 
 // The wide tiles of one fp8_moe chunk of pc routed rows: the tune table's layer entry for this GPU,
@@ -919,7 +936,7 @@ struct WideTiles {
 WideTiles wide_tiles(const Handle *h, int tok, int64_t pc, int64_t experts) {
   WideTiles w = {h->bn13, h->bn2, use_pairs(tok, h->bn13, h->bn2, pc, experts)};
   static const bool forced = forced_bn() || getenv("MOEFFI_HOPPER_PAIR") || getenv("MOEFFI_HOPPER_NO_PAIR");
-  if (tok || forced) return w;
+  if (tok || forced || FIXED) return w;
   const TuneTable &t = tune_table();
   if (strcmp(t.gpu, h->gpu)) return w;
   const int64_t mean = ceil_div(pc, std::min(experts, pc));
@@ -977,6 +994,7 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
   int *perm = (int *)(base + w.perm), *inv = (int *)(base + w.inv);
   const uint16_t *x = (const uint16_t *)t->x;
   const int32_t *ids = (const int32_t *)t->topk_ids;
+  const float *a1 = (const float *)t->a1_scale, *a2 = (const float *)t->a2_scale; // static scales (FIXED)
   const int nkb1 = (int)ceil_div(K, QBLK), nkb2 = (int)ceil_div(N, QBLK);
   int32_t st;
   for (int64_t t0 = 0; t0 < M; t0 += CHUNK) {
@@ -992,9 +1010,9 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     // fewer rows to quantize than per pair, and no gather pass (deepseek M=4096: 181 -> 111 us, NOTES.md);
     // MOEFFI_HOPPER_PAIR_QUANT=1 quantizes per pair.
     static const bool per_pair = getenv("MOEFFI_HOPPER_PAIR_QUANT") != nullptr;
-    if (!tok && topk > 1 && !per_pair && quantize_fits(K))
+    if (!tok && topk > 1 && !per_pair && quantize_fits(K) && act != MOEFFI_A_STATIC_TENSOR)
       launch_quantize_rows_scattered(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s, use_pdl(), RowDest{inv, topk});
-    else launch_quantize_rows(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, pc, K, act, xq, xs, s, use_pdl());
+    else launch_quantize_rows(GatherRows{x + t0 * K, K, perm, topk, offsets + E}, pc, K, act, xq, xs, s, use_pdl(), a1);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 routing and quantization");
     // Wide tiles (prefill) write h and y in bf16, as the peers do: half the bytes of fp32 between the
     // kernels (1-2% of the layer at M = 4096, NOTES.md); swapped tiles (decode) keep fp32, whose K-split
@@ -1006,8 +1024,8 @@ int32_t run_fp8_moe(const moeffi_problem *p, const Handle *h, const moeffi_tenso
     if ((st = launch_gemm(amap1, h->map13[map_index(tok, bn1)], g1, pc, tok, bn1, h->sms, s, msg, cap, 1,
                           pairs ? &h->map13[3] : nullptr)))
       return st;
-    if (g1.silu) launch_quantize_rows(Bf16Rows{(const uint16_t *)acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl());
-    else launch_quantize_rows(FastSiluRows{acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl()); // rows [0, offsets[E]) are routed
+    if (g1.silu) launch_quantize_rows(Bf16Rows{(const uint16_t *)acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl(), a2);
+    else launch_quantize_rows(FastSiluRows{acc, N, offsets + E}, pc, N, act, hq, hs, s, use_pdl(), a2); // rows [0, offsets[E]) are routed
     const int64_t tiles2 = std::min<int64_t>(pc, ceil_div(pc, tok) + std::min(E, pc)); // a tile has >= 1 row
     const int splits = tok && pc <= SPLIT_MAX_PAIRS ? k_splits(tiles2 * ceil_div(K, SWAP_ROWS), nkb2, h->sms, 2) : 1;
     const GemmArgs g2 = {offsets, tiles, E, (int)K, (int)N, nkb2, hs, (int)act_groups(act, N), h->s2,
@@ -1079,7 +1097,7 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
     if (splits > 1 && !w.part) FAIL(MOEFFI_INVALID, "internal: no K-split buffer planned for a %d-row pass", mc);
     CUtensorMap amap;
     if ((st = make_map(&amap, xq, mc, K, rows, msg, cap))) return st;
-    launch_quantize_rows(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s, use_pdl());
+    launch_quantize_rows(Bf16Rows{x + t0 * K, K}, mc, K, act, xq, xs, s, use_pdl(), (const float *)t->a1_scale);
     MOEFFI_CUDA_LAUNCHED("hopper_fp8 fp8_scaled_mm quantization");
     uint16_t *out = (uint16_t *)t->out + t0 * N;
     GemmArgs g = {nullptr, nullptr, 1, (int)N, (int)K, nkb, xs, (int)act_groups(act, K), h->s13, p->weight_scale, 0,
@@ -1104,16 +1122,18 @@ int32_t run_fp8_mm(const moeffi_problem *p, const Handle *h, const moeffi_tensor
 MOEFFI_API uint32_t moeffi_abi_version(void) { return MOEFFI_ABI_VERSION; }
 
 MOEFFI_API int32_t moeffi_describe(moeffi_manifest *out) {
-  return moeffi_fill_manifest(out, "hopper_fp8", "0.6.0", "sm_90a", MOEFFI_DEVICE_CUDA,
-                              (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM),
-                              MOEFFI_ALL_WEIGHT_SCALES,
-                              (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128),
-                              0 /* tile work depends on M */, 30);
+  const uint32_t ops = (1u << MOEFFI_OP_FP8_MOE) | (1u << MOEFFI_OP_FP8_SCALED_MM);
+  const uint32_t acts = (1u << MOEFFI_A_DYNAMIC_TOKEN) | (1u << MOEFFI_A_DYNAMIC_GROUP_128) |
+                        (FIXED ? 1u << MOEFFI_A_STATIC_TENSOR : 0u);
+  return moeffi_fill_manifest(out, NAME, FIXED ? "0.1.0" : "0.6.0", "sm_90a", MOEFFI_DEVICE_CUDA, ops, MOEFFI_ALL_WEIGHT_SCALES,
+                              acts, FIXED ? ops : 0 /* hopper_fp8's tiles depend on M */, PRIORITY);
 }
 
 MOEFFI_API int32_t moeffi_supported(const moeffi_problem *problem, char *reason, uint32_t capacity) {
   if (check_problem(problem, reason, capacity) != MOEFFI_OK) return -1;
-  return moeffi_cuda_yes(problem, 30, "WGMMA + TMA grouped GEMMs", reason, capacity);
+  return moeffi_cuda_yes(problem, PRIORITY,
+                         FIXED ? "WGMMA + TMA grouped GEMMs, one tile configuration for every M" : "WGMMA + TMA grouped GEMMs",
+                         reason, capacity);
 }
 
 MOEFFI_API int32_t moeffi_workspace_size(const moeffi_problem *problem, uint64_t *bytes) {
@@ -1230,6 +1250,9 @@ MOEFFI_API int32_t moeffi_run(const moeffi_problem *problem, void *handle, const
   NEED(tensors->topk_ids, P, "topk_ids");
   NEED(tensors->topk_weights, P, "topk_weights");
   NEED(tensors->bias, mm && (problem->flags & MOEFFI_FLAG_HAS_BIAS) ? N : 0, "bias");
+  const bool stat = problem->act_scale == MOEFFI_A_STATIC_TENSOR;
+  NEED(tensors->a1_scale, stat ? M : 0, "a1_scale");
+  NEED(tensors->a2_scale, stat && !mm ? M : 0, "a2_scale");
   // fp8_scaled_mm's wide tiles send whole rows of 16-byte pieces (bulk copies) straight to out
   if ((uintptr_t)tensors->out % (mm ? 16 : 8)) FAIL(MOEFFI_INVALID, "tensors->out must be %d-byte aligned", mm ? 16 : 8);
   if ((uintptr_t)tensors->x % 8) FAIL(MOEFFI_INVALID, "tensors->x must be 8-byte aligned");
