@@ -9,10 +9,12 @@ cd "$(git rev-parse --show-toplevel)"
 git apply bench/dev/hopper_decode_layer.patch
 PATH=$PWD/node_modules/.bin:$PATH deno run -A backends/build.ts
 rm -rf build/var
-bash bench/dev/variant.sh base HEAD
-bash bench/dev/variant.sh cq HEAD bench/dev/hopper_decode_cluster_quant.patch
+# The variants' patches were written against hopper_fp8.cu before #6 (9240ce2); #6 changed no hopper_fp8 behaviour
+# (its edits are the batch-invariant build's), so the variants build from there.
+bash bench/dev/variant.sh base 9240ce2
+bash bench/dev/variant.sh cq 9240ce2 bench/dev/hopper_decode_cluster_quant.patch
 bash bench/dev/variant.sh s10b 10d3e59 bench/dev/hopper_session10.patch bench/dev/hopper_session10b.patch
-bash bench/dev/variant.sh mmq HEAD bench/dev/hopper_mm_fused_quant.patch
+bash bench/dev/variant.sh mmq 9240ce2 bench/dev/hopper_mm_fused_quant.patch
 ../shared/tools/gpu-bundle
 carry=(.gpu build/var build/lib/libmoeffi_hopper_fp8.so build/lib/libmoeffi_fallback.so build/lib/libmoeffi_reference.so)
 echo "carry: [$(printf '"%s", ' "${carry[@]}" | sed 's/, $//')]"

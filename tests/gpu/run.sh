@@ -4,7 +4,7 @@
 set -uo pipefail
 out=${OUT:-gpu-logs}; mkdir -p "$out"
 steps=${*:-suite sanitize bench}
-tests=${MOEFFI_GPU_TESTS:-tests/gpu/backends.gpu.ts tests/gpu/nvfp4.gpu.ts} # suite and sanitize (a subset: fewer libraries to carry)
+tests=${MOEFFI_GPU_TESTS:-tests/gpu/backends.gpu.ts tests/gpu/invariance.gpu.ts tests/gpu/nvfp4.gpu.ts} # suite and sanitize (a subset: fewer libraries to carry)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 status=0
 for step in $steps; do
