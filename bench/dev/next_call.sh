@@ -31,6 +31,11 @@
 #             DEC_M=1 DEC_ROUNDS=1 DEC_VARIANTS="blk=main,MOEFFI_BENCH_SCHEME=block-128
 #             blkoff=main,MOEFFI_BENCH_SCHEME=block-128,MOEFFI_HOPPER_DECODE_TOKENS=0" bash .gpu/run bash
 #             bench/dev/next_call.sh decode landif
+#   invsuite  issue 6 (a separate call, main's code: no decode patch; here `MOEFFI_CUDA_ARCHS=90a deno task build`, then
+#             ../shared/tools/gpu-bundle; carry [".gpu", "build/lib"]): the invariance tests and the whole backend suite
+#             (batch_invariant_fp8 against the CPU reference), then memcheck and racecheck on both (~300 s?)
+#   invbench  issue 6's benchmark: the peer's ceilings, cuBLAS FP8 and the bf16-dequant path, then bench/invariant.ts
+#             (results/invariant-<gpu>.json and .md come back in inv-results.tgz)
 # Everything lands in $OUT/logs.tgz and $OUT/summary.txt (written as it goes).
 set -uo pipefail
 R=/tmp/r; mkdir -p $R
@@ -54,6 +59,13 @@ for s in ${*:-suite suiteknobs decode ncud sanitize}; do
       MOEFFI_HOPPER_DECODE_BOX=x MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=1 \
         MOEFFI_BENCH_PRESETS=qwen3-30b-a3b timeout 60 deno run -A bench/gpu.ts 2>&1 | grep -m1 "decode boxes" >> $S
       cat $R/abd/ab.txt >> $S ;;
+    invsuite) step env OUT=$R/inv MOEFFI_GPU_TESTS="tests/gpu/invariance.gpu.ts tests/gpu/backends.gpu.ts" \
+        timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh suite sanitize > $R/inv.out 2>&1
+      grep -E "passed|FAILED|=> |exit|hazard|not ok|error:" $R/inv.out | tail -30 >> $S ;;
+    invbench) step bash -c "python3 bench/peers/torch_moe.py --bf16-dequant --out $R/peer-inv.json 2> $R/peer-inv.log; \
+        MOEFFI_BENCH_PEER=$R/peer-inv.json timeout 400 deno run -A bench/invariant.ts > $R/invbench.log 2>&1"
+      grep -E "PASS|FAIL|^\\| " $R/invbench.log | tail -60 >> $S
+      tar -czf $OUT/inv-results.tgz bench/results/invariant-* 2>/dev/null ;;
     cq) step env OUT=$R/abc AB_M=1,2,16 AB_ROUNDS=2 timeout 150 bash bench/dev/ab.sh base=base cq=cq > $R/abc.log 2>&1
       cat $R/abc/ab.txt >> $S ;;
     ncud) for v in ${NCUD:-on c2 pipe off}; do # ncu sections of the decode kernels (on; c2: two GEMM 1 CTAs an SM; pipe: a stage's WGMMAs in flight) and the six-kernel path (off), mixtral and qwen3 M = 1

@@ -51,29 +51,13 @@ const download = async (y: unknown) => (await (y as DeviceTensor<"bf16">).downlo
 test("under MOEFFI_BATCH_INVARIANT=1 the oracle picks batch_invariant_fp8 on sm_90a and says why the others are refused", () => {
   if (gpu.cuda!.capability[0] !== 9) return; // other GPUs: the fallback (also invariant) serves
   for (const op of ["fp8_moe", "fp8_scaled_mm"] as const) {
-    const v = gpu.explain({
-      op,
-      m: 7,
-      n: 1024,
-      k: 2048,
-      experts: 8,
-      topk: 2,
-      weightScale: "block-128",
-      actScale: "dynamic-group-128",
-    });
+    const ask = (weightScale: WeightScale, actScale: ActScale) =>
+      gpu.explain({ op, m: 7, n: 1024, k: 2048, experts: 8, topk: 2, weightScale, actScale });
+    const v = ask("block-128", "dynamic-group-128");
     assert.equal(v.find((x) => x.chosen)?.backend, "batch_invariant_fp8", JSON.stringify(v));
     assert.match(v.find((x) => x.backend === "hopper_fp8")!.reason, /does not claim batch invariance/);
-    const dyn = gpu.explain({
-      op,
-      m: 7,
-      n: 1024,
-      k: 2048,
-      experts: 8,
-      topk: 2,
-      weightScale: "per-channel",
-      actScale: "dynamic-tensor",
-    });
-    assert.ok(dyn.every((x) => !x.chosen && /whole batch/.test(x.reason)), JSON.stringify(dyn));
+    const dyn = ask("per-channel", "dynamic-tensor").filter((x) => !/does not implement|not loaded/.test(x.reason));
+    assert.ok(dyn.length >= 3 && dyn.every((x) => !x.chosen && /whole batch/.test(x.reason)), JSON.stringify(dyn));
   }
 });
 
