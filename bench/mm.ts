@@ -80,6 +80,8 @@ for (const b of backends) {
   }
 }
 
+// MOEFFI_BENCH_NO_REPORT=1 (bench/invariant.ts's input): the JSON rows above are the output, bench/results stays as it is
+if (process.env.MOEFFI_BENCH_NO_REPORT) process.exit(0);
 const slug = cuda.name.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
 const base = new URL(`./results/mm-${slug}`, import.meta.url).pathname;
 writeFileSync(`${base}.json`, JSON.stringify({ date: new Date().toISOString(), gpu: cuda.name, rows }, null, 1));

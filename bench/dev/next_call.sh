@@ -44,7 +44,7 @@ S=$OUT/summary.txt # written as it goes: a call cut at its limit still returns i
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > $S
 step() { local t0=$(date +%s); "$@"; local rc=$?; echo "[$(( $(date +%s) - t0 )) s, rc $rc] $*" | cut -c1-160 >> $S; }
 lib=build/lib/libmoeffi_hopper_fp8.so
-cp $lib build/var/main.so
+[ -d build/var ] && cp $lib build/var/main.so # (issue 6 calls carry no variants)
 for s in ${*:-suite suiteknobs decode ncud sanitize}; do
   case $s in
     suite|suiteknobs|sanitize) # tests/gpu/run.sh's steps on the hopper suite alone (the nvfp4 library is not carried);
@@ -62,9 +62,17 @@ for s in ${*:-suite suiteknobs decode ncud sanitize}; do
     invsuite) step env OUT=$R/inv MOEFFI_GPU_TESTS="tests/gpu/invariance.gpu.ts tests/gpu/backends.gpu.ts" \
         timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh suite sanitize > $R/inv.out 2>&1
       grep -E "passed|FAILED|=> |exit|hazard|not ok|error:" $R/inv.out | tail -30 >> $S ;;
-    invbench) step bash -c "python3 bench/peers/torch_moe.py --bf16-dequant --out $R/peer-inv.json 2> $R/peer-inv.log; \
-        MOEFFI_BENCH_PEER=$R/peer-inv.json timeout 400 deno run -A bench/invariant.ts > $R/invbench.log 2>&1"
-      grep -E "PASS|FAIL|^\\| " $R/invbench.log | tail -60 >> $S
+    invbench) # ceilings (copy bandwidth), the bf16-dequant path, both backends' times, then bench/invariant.ts's verdicts
+      mmshapes=$(for nk in 1024x2048 4608x4096 7168x7168; do for m in 1 16 64 256 1024 4096; do printf "%sx%s," $m $nk; done; done)
+      step bash -c "python3 bench/peers/torch_moe.py --presets '' --out $R/peer-inv.json 2> $R/peer-inv.log
+        python3 bench/peers/torch_bf16_dequant.py --out $R/bf16.json 2> $R/bf16.log
+        MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8,batch_invariant_fp8 MOEFFI_BENCH_M=1,16,64,256,1024,4096 \
+          timeout 400 deno run -A bench/gpu.ts > $R/inv-moe.jsonl 2>&1
+        MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8,batch_invariant_fp8 MOEFFI_BENCH_MM_SHAPES=${mmshapes%,} \
+          timeout 200 deno run -A bench/mm.ts > $R/inv-mm.jsonl 2>&1
+        MOEFFI_BENCH_PEER=$R/peer-inv.json MOEFFI_BENCH_BF16=$R/bf16.json deno run -A bench/invariant.ts $R/inv-moe.jsonl \
+          $R/inv-mm.jsonl > $R/invbench.log 2>&1"
+      grep -E "PASS|FAIL|^\\| " $R/invbench.log | tail -80 >> $S
       tar -czf $OUT/inv-results.tgz bench/results/invariant-* 2>/dev/null ;;
     cq) step env OUT=$R/abc AB_M=1,2,16 AB_ROUNDS=2 timeout 150 bash bench/dev/ab.sh base=base cq=cq > $R/abc.log 2>&1
       cat $R/abc/ab.txt >> $S ;;
