@@ -33,7 +33,7 @@
 #             bench/dev/next_call.sh decode landif
 #   invsuite  issue 6 (a separate call, main's code: no decode patch; here `MOEFFI_CUDA_ARCHS=90a deno task build`, then
 #             ../shared/tools/gpu-bundle; carry [".gpu", "build/lib"]): the invariance tests and the whole backend suite
-#             (batch_invariant_fp8 against the CPU reference), then memcheck and racecheck on both (~300 s?)
+#             (batch_invariant_fp8 against the CPU reference); invsanitize: memcheck and racecheck on both (a small share)
 #   invbench  issue 6's benchmark: the peer's ceilings, cuBLAS FP8 and the bf16-dequant path, then bench/invariant.ts
 #             (results/invariant-<gpu>.json and .md come back in inv-results.tgz)
 # Everything lands in $OUT/logs.tgz and $OUT/summary.txt (written as it goes).
@@ -59,9 +59,9 @@ for s in ${*:-suite suiteknobs decode ncud sanitize}; do
       MOEFFI_HOPPER_DECODE_BOX=x MOEFFI_BENCH_NO_REPORT=1 MOEFFI_BENCH_BACKENDS=hopper_fp8 MOEFFI_BENCH_M=1 MOEFFI_BENCH_REPS=1 \
         MOEFFI_BENCH_PRESETS=qwen3-30b-a3b timeout 60 deno run -A bench/gpu.ts 2>&1 | grep -m1 "decode boxes" >> $S
       cat $R/abd/ab.txt >> $S ;;
-    invsuite) step env OUT=$R/inv MOEFFI_GPU_TESTS="tests/gpu/invariance.gpu.ts tests/gpu/backends.gpu.ts" \
-        timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh suite sanitize > $R/inv.out 2>&1
-      grep -E "passed|FAILED|=> |exit|hazard|not ok|error:" $R/inv.out | tail -30 >> $S ;;
+    invsuite|invsanitize) step env OUT=$R/$s MOEFFI_GPU_TESTS="tests/gpu/invariance.gpu.ts tests/gpu/backends.gpu.ts" \
+        timeout ${TEST_LIMIT:-400} bash tests/gpu/run.sh ${s#inv} > $R/$s.out 2>&1
+      grep -E "passed|FAILED|=> |exit|hazard|not ok|error:" $R/$s.out | tail -30 >> $S ;;
     invbench) # ceilings (copy bandwidth), the bf16-dequant path, both backends' times, then bench/invariant.ts's verdicts
       mmshapes=$(for nk in 1024x2048 4608x4096 7168x7168; do for m in 1 16 64 256 1024 4096; do printf "%sx%s," $m $nk; done; done)
       step bash -c "python3 bench/peers/torch_moe.py --presets '' --out $R/peer-inv.json 2> $R/peer-inv.log
