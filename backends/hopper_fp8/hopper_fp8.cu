@@ -857,8 +857,8 @@ int forced_bn() {
   return forced == 128 || forced == 192 ? forced : 0;
 }
 int wide_bn(int64_t nout, const char *gpu) {
+  if (const int forced = forced_bn()) return forced; // FIXED too: one width for the process, whatever M is
   if (FIXED) return nout > 128 ? 192 : 128;
-  if (const int forced = forced_bn()) return forced;
   const TuneTable &t = tune_table();
   if (!strcmp(t.gpu, gpu))
     for (int i = 0; i < t.count; i++)
