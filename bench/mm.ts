@@ -80,11 +80,11 @@ for (const b of backends) {
   }
 }
 
-// MOEFFI_BENCH_NO_REPORT=1 (bench/invariant.ts's input): the JSON rows above are the output, bench/results stays as it is
-if (process.env.MOEFFI_BENCH_NO_REPORT) process.exit(0);
+// MOEFFI_BENCH_NO_REPORT=1 (bench/invariant.ts, bench/dev/ab.sh): the rows and the table print, bench/results stays as it is
+const report = !process.env.MOEFFI_BENCH_NO_REPORT;
 const slug = cuda.name.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
 const base = new URL(`./results/mm-${slug}`, import.meta.url).pathname;
-writeFileSync(`${base}.json`, JSON.stringify({ date: new Date().toISOString(), gpu: cuda.name, rows }, null, 1));
+if (report) writeFileSync(`${base}.json`, JSON.stringify({ date: new Date().toISOString(), gpu: cuda.name, rows }, null, 1));
 const md = [
   `# fp8_scaled_mm on ${cuda.name} (${new Date().toISOString().slice(0, 10)})`,
   "",
@@ -101,5 +101,5 @@ const md = [
     } | ${r.cublas_us_sustained ?? "-"} | ${r.vs_cublas_sustained ?? "-"} |`
   ),
 ].join("\n");
-writeFileSync(`${base}.md`, md + "\n");
+if (report) writeFileSync(`${base}.md`, md + "\n");
 console.log(md);
